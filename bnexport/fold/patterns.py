@@ -1,0 +1,212 @@
+"""The fold patterns: for each BN call, match a neighbour, check it may be folded, plan it.
+
+Two patterns, each a `match_and_check` that returns either a `FoldPlan` or a `Refusal`
+carrying a one-sentence reason:
+
+* `IntoPreceding`: conv / transposed conv / linear -> [channel-transparent ops] -> BN.
+* `IntoFollowing`: BN -> [channel-transparent ops] -> linear, or conv without zero padding.
+
+Checks read the graph only; `torch_graph.apply_plan` performs the rewrite afterwards, so a
+refused fold leaves the graph untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx
+
+from bnexport.fold.channels import NotTransparent, Tracked, initial, is_transparent_op, step
+from bnexport.fold.sites import (
+    BatchNormCall,
+    LayerCall,
+    data_users,
+    is_layer_like,
+    match_batchnorm,
+    match_layer,
+)
+
+aten = torch.ops.aten
+
+PRECEDING = "preceding"
+FOLLOWING = "following"
+
+_NONLINEAR = {
+    "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh",
+    "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "leaky_relu", "leaky_relu_", "elu",
+    "elu_", "selu", "celu", "softplus", "mish", "prelu", "_prelu_kernel", "clamp", "clamp_min",
+    "clamp_max", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
+    "softmax", "_softmax", "log_softmax", "_log_softmax", "abs", "exp", "log", "sqrt",
+}
+_ARITH = {"add": "an addition", "add_": "an addition", "sub": "a subtraction",
+          "mul": "a multiplication", "cat": "a concatenation", "div": "a division"}
+
+
+@dataclass
+class Refusal:
+    direction: str
+    reason: str
+
+
+@dataclass
+class FoldPlan:
+    """Everything `apply_plan` needs; `channel_of` maps each layer channel to its BN channel."""
+
+    direction: str
+    bn: BatchNormCall
+    layer: LayerCall
+    channel_of: np.ndarray
+
+
+def describe(node: fx.Node) -> str:
+    """Name a node for a user: `relu_1 (a nonlinearity)`, `add_3 (an addition)`."""
+    if node.op == "output":
+        return "the model's output"
+    if node.op == "placeholder":
+        return f"the model input '{node.name}'"
+    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    bn = match_batchnorm(node) if node.op == "call_function" else None
+    if bn is not None:
+        return f"BatchNorm {bn.name}"
+    layer = match_layer(node)
+    if layer is not None:
+        return f"{layer.kind} layer {layer.name}"
+    if op in _NONLINEAR:
+        return f"{node.name} ({op}, a nonlinearity)"
+    if op in _ARITH:
+        return f"{node.name} ({_ARITH[op]})"
+    return f"{node.name} ({op})"
+
+
+def _shared_param_reason(layer: LayerCall, gm: fx.GraphModule) -> str | None:
+    for param in (layer.weight, layer.bias):
+        if param is None:
+            continue
+        others = [u for u in data_users(param) if u is not layer.node]
+        if others:
+            return (
+                f"the weights of {layer.name} are also used by {others[0].name} (the layer is "
+                "called more than once or its weights are shared), and folding would change "
+                "that call too"
+            )
+    return None
+
+
+def _track(chain: list[fx.Node], tr: Tracked) -> Tracked:
+    for node in chain:
+        tr = step(node, tr)
+    return tr
+
+
+class IntoPreceding:
+    """conv/linear -> [transparent ops] -> BN:  W' = s * W, b' = s * b + t (per out channel)."""
+
+    direction = PRECEDING
+
+    def match_and_check(self, bn: BatchNormCall, gm: fx.GraphModule) -> FoldPlan | Refusal:
+        chain: list[fx.Node] = []
+        node = bn.input
+        while node.op == "call_function" and is_transparent_op(node) and match_layer(node) is None:
+            chain.append(node)
+            node = node.args[0]
+        layer = match_layer(node)
+        if layer is None:
+            if is_layer_like(node):
+                return self._refuse(f"the weights of {node.name} are computed in forward")
+            return self._refuse(f"its input comes from {describe(node)}, not a conv or linear")
+        chain.reverse()
+        for producer in [node, *chain]:
+            users = data_users(producer)
+            if len(users) != 1:
+                other = next(u for u in users if u not in chain and u is not bn.op_node)
+                return self._refuse(
+                    f"the output of {describe(producer)} is also used by {describe(other)}"
+                )
+        reason = _shared_param_reason(layer, gm)
+        if reason:
+            return self._refuse(reason)
+        out_channels = int(node.meta["val"].shape[layer.out_axis])
+        try:
+            tr = _track(chain, initial(out_channels, layer.out_axis))
+        except NotTransparent as exc:
+            return self._refuse(f"an op between {layer.name} and the BN does not commute: {exc}")
+        if tr.axis != 1:
+            return self._refuse(
+                f"the BN normalizes axis 1 but the channels of {layer.name} arrive on axis {tr.axis}"
+            )
+        flat = tr.labels.ravel()
+        if tr.labels.shape[0] != bn.channels or np.sort(flat).tolist() != list(range(out_channels)):
+            return self._refuse(
+                f"a reshape between {layer.name} and the BN spreads a layer channel over "
+                "several BN channels"
+            )
+        channel_of = np.empty(out_channels, dtype=np.int64)
+        for bn_channel, row in enumerate(tr.labels):
+            channel_of[row] = bn_channel
+        return FoldPlan(PRECEDING, bn, layer, channel_of)
+
+    def _refuse(self, reason: str) -> Refusal:
+        return Refusal(PRECEDING, reason)
+
+
+class IntoFollowing:
+    """BN -> [transparent ops] -> linear / unpadded conv: W' = W * s, b' = b + W t (per in ch)."""
+
+    direction = FOLLOWING
+
+    def match_and_check(self, bn: BatchNormCall, gm: fx.GraphModule) -> FoldPlan | Refusal:
+        chain: list[fx.Node] = []
+        node = bn.node
+        while True:
+            users = data_users(node)
+            if len(users) != 1:
+                others = ", ".join(describe(u) for u in users[:3])
+                return self._refuse(f"its output goes to several consumers ({others})")
+            nxt = users[0]
+            if not nxt.args or nxt.args[0] is not node:
+                return self._refuse(f"its output feeds {describe(nxt)}")
+            layer = match_layer(nxt)
+            if layer is not None:
+                break
+            if not is_transparent_op(nxt):
+                if is_layer_like(nxt):
+                    return self._refuse(f"the weights of {nxt.name} are computed in forward")
+                return self._refuse(f"its output feeds {describe(nxt)}")
+            chain.append(nxt)
+            node = nxt
+        if layer.kind == "conv_transpose":
+            return self._refuse(
+                f"{layer.name} is a transposed conv, which adds the BN shift to a varying "
+                "number of taps per output position"
+            )
+        if layer.zero_padded:
+            return self._refuse(
+                f"{layer.name} pads with zeros that do not pass through the BN, so folding "
+                "would change its border outputs"
+            )
+        reason = _shared_param_reason(layer, gm)
+        if reason:
+            return self._refuse(reason)
+        try:
+            tr = _track(chain, initial(bn.channels, 1))
+        except NotTransparent as exc:
+            return self._refuse(f"an op between the BN and {layer.name} does not commute: {exc}")
+        if tr.axis != layer.in_axis:
+            return self._refuse(
+                f"the BN channels reach {layer.name} on axis {tr.axis}, not on its input "
+                f"channel axis {layer.in_axis}"
+            )
+        if tr.labels.shape[1] != 1:
+            return self._refuse(
+                f"a reshape between the BN and {layer.name} mixes several BN channels into "
+                "one input channel"
+            )
+        return FoldPlan(FOLLOWING, bn, layer, tr.labels[:, 0].copy())
+
+    def _refuse(self, reason: str) -> Refusal:
+        return Refusal(FOLLOWING, reason)
+
+
+PATTERNS = (IntoPreceding(), IntoFollowing())
