@@ -90,8 +90,12 @@ def fold_into_following(
     c_out, c_in_g = w.shape[0], w.shape[1]
     out_per_group = c_out // groups
     # Input channel seen by weight[o, j] is group(o) * C_in/groups + j.
-    s_rows = s.reshape(groups, 1, c_in_g).expand(groups, out_per_group, c_in_g).reshape(c_out, c_in_g)
-    t_rows = t.reshape(groups, 1, c_in_g).expand(groups, out_per_group, c_in_g).reshape(c_out, c_in_g)
+    s_rows = (
+        s.reshape(groups, 1, c_in_g).expand(groups, out_per_group, c_in_g).reshape(c_out, c_in_g)
+    )
+    t_rows = (
+        t.reshape(groups, 1, c_in_g).expand(groups, out_per_group, c_in_g).reshape(c_out, c_in_g)
+    )
     tail = (1,) * (w.dim() - 2)
     b = torch.zeros(c_out, dtype=F64) if bias is None else bias.detach().to(F64)
     w_new = w * s_rows.reshape((c_out, c_in_g) + tail)

@@ -20,9 +20,7 @@ _ASSERT_PREFIXES = ("_assert", "sym_constrain_range")
 def is_assertion(node: fx.Node) -> bool:
     """Nodes that only check metadata and never change data (ignored as users)."""
     name = getattr(node.target, "__name__", str(node.target))
-    return node.op == "call_function" and (
-        name.startswith(_ASSERT_PREFIXES) or "_check" in name
-    )
+    return node.op == "call_function" and (name.startswith(_ASSERT_PREFIXES) or "_check" in name)
 
 
 def data_users(node: fx.Node) -> list[fx.Node]:
@@ -200,7 +198,7 @@ def match_layer(node: fx.Node) -> LayerCall | None:
         return None
     t = node.target
     if t is aten.linear.default:
-        kind, groups, zero_padded = "linear", 1, True
+        kind, groups, zero_padded = "linear", 1, False
     elif t in _CONV:
         kind = "conv"
         nd = _CONV[t]

@@ -1,0 +1,367 @@
+"""Loading checkpoints: format detection, trust rules, state_dict unwrapping, input specs.
+
+Accepted formats (detected from the file's content, not its name):
+
+* torch.export program (`torch.export.save`, .pt2): safe and self-describing.
+* state_dict (`torch.save(model.state_dict())` or `.safetensors`) plus `--arch MODULE:CALLABLE`.
+* whole pickled nn.Module (`torch.save(model)`): only with `trust_pickle=True`.
+* TorchScript archive (`torch.jit.save`): converted to a torch.export program; needs input shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnexport.errors import BadInputError
+from bnexport.inputs import InputSpec
+
+PT2 = "torch.export program"
+STATE_DICT = "state_dict"
+SAFETENSORS = "safetensors state_dict"
+PICKLED_MODULE = "pickled nn.Module"
+TORCHSCRIPT = "TorchScript archive"
+
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to fold: an eval-able nn.Module or an ExportedProgram."""
+
+    model: nn.Module | torch.export.ExportedProgram
+    format: str
+    path: str
+    input_specs: list[InputSpec] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        if isinstance(self.model, torch.export.ExportedProgram):
+            return [s.name for s in program_input_specs(self.model)]
+        return forward_input_names(self.model)
+
+
+def _fail(message: str) -> BadInputError:
+    return BadInputError(message)
+
+
+def _check_file(path: Path) -> bytes:
+    if not path.exists():
+        raise _fail(f"The model file '{path}' does not exist. Check the path and try again.")
+    if path.is_dir():
+        raise _fail(
+            f"'{path}' is a directory, not a model file. Pass the checkpoint file itself "
+            "(.pt2, .pt/.pth, .safetensors or a TorchScript archive)."
+        )
+    if not os.access(path, os.R_OK):
+        raise _fail(f"The model file '{path}' is not readable. Check its permissions.")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise _fail(f"The model file '{path}' cannot be read ({exc.strerror}).") from None
+    if not head:
+        raise _fail(
+            f"The model file '{path}' is empty (0 bytes). It was probably cut off while being "
+            "saved; save the checkpoint again."
+        )
+    return head
+
+
+def detect_format(path: Path) -> str:
+    """Name the checkpoint format of `path`, or raise BadInputError naming what was found."""
+    head = _check_file(path)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise _fail(
+                f"The model file '{path}' looks like a PyTorch archive but is truncated or "
+                "corrupt (its zip directory cannot be read). Save the checkpoint again."
+            ) from None
+        if any(n.endswith("archive_format") or "/models/" in n for n in names):
+            return PT2
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return TORCHSCRIPT
+        if any(n.endswith("data.pkl") for n in names):
+            return STATE_DICT
+        raise _fail(f"'{path}' is a zip archive but not a PyTorch checkpoint.")
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+            return SAFETENSORS
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return STATE_DICT  # legacy (non-zip) torch.save
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":
+        raise _fail(
+            f"'{path}' is an ONNX model, not a PyTorch checkpoint. bnexport folds PyTorch "
+            "models before export: pass the trained PyTorch checkpoint instead."
+        )
+    try:
+        head.decode("utf-8")
+        kind = "a text file"
+    except UnicodeDecodeError:
+        kind = "binary data of an unknown format"
+    raise _fail(
+        f"'{path}' is {kind}, not a model checkpoint. Accepted formats: a torch.export program "
+        "(.pt2), a state_dict (.pt/.pth/.safetensors) with --arch, a TorchScript archive, or "
+        "a pickled nn.Module with --trust-pickle."
+    )
+
+
+def import_callable(spec: str):
+    """Resolve 'package.module:callable' or 'path/to/file.py:callable'."""
+    if ":" not in spec:
+        raise _fail(
+            f"--arch '{spec}' must be MODULE:CALLABLE, for example mypkg.nets:resnet50 or "
+            "nets.py:build."
+        )
+    where, _, name = spec.rpartition(":")
+    try:
+        if where.endswith(".py") or os.sep in where:
+            file = Path(where)
+            if not file.is_file():
+                raise FileNotFoundError(where)
+            mod_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules.setdefault(file.stem, module)
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(where)
+    except Exception as exc:  # noqa: BLE001 - any import failure gets the same answer
+        raise _fail(
+            f"--arch '{spec}': cannot import '{where}' ({type(exc).__name__}: {exc}). Give an "
+            "importable module (run from the directory that contains it) or a path to a .py file."
+        ) from None
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        raise _fail(f"--arch '{spec}': '{where}' has no callable named '{name}'.")
+    return fn
+
+
+def build_arch(spec: str) -> nn.Module:
+    fn = import_callable(spec)
+    try:
+        model = fn()
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(
+            f"--arch '{spec}' raised {type(exc).__name__} when called with no arguments: {exc}. "
+            "The callable must build the architecture without arguments."
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise _fail(
+            f"--arch '{spec}' returned a {type(model).__name__}, not a torch.nn.Module. Point it "
+            "at a function or class that builds the model."
+        )
+    return model
+
+
+def _is_tensor_dict(obj) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+    """Find the state_dict inside common training-checkpoint containers."""
+    if _is_tensor_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in _CONTAINER_KEYS:
+            if key in obj and _is_tensor_dict(obj[key]):
+                return obj[key]
+    keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise _fail(
+        f"The checkpoint holds no state_dict (found {keys}). Expected a dict of tensors, or one "
+        f"under one of the keys {list(_CONTAINER_KEYS)}."
+    )
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
+    """Load `state` strictly, stripping DataParallel/Lightning prefixes when that makes it fit."""
+    expected = set(model.state_dict())
+    for prefix in ("", *_PREFIXES):
+        if prefix and not all(k.startswith(prefix) for k in state):
+            continue
+        candidate = {k[len(prefix) :]: v for k, v in state.items()}
+        if set(candidate) == expected:
+            state = candidate
+            break
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise _fail(
+            f"The state_dict does not fit the architecture from --arch '{arch}': "
+            f"{'; '.join(parts)}. Check that --arch builds the same model that was trained."
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise _fail(
+            f"The state_dict does not fit the architecture from --arch '{arch}': {detail[:600]}"
+        ) from None
+
+
+def _few(items: list[str], n: int = 6) -> str:
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
+
+
+def _torch_load(path: Path, weights_only: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - classified below
+        text = str(exc)
+        if weights_only and ("Weights only load failed" in text or "Unsupported global" in text):
+            raise
+        raise _fail(
+            f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded "
+            f"({type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}). Save it again."
+        ) from None
+
+
+def forward_input_names(model: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
+    ]
+
+
+def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
+    """The user inputs of an exported program with their example shapes (batch first)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    stored = getattr(program, "example_inputs", None)
+    example = list(stored[0]) if stored else []
+    specs = []
+    placeholders = [
+        n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs
+    ]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        if i < len(example) and isinstance(example[i], torch.Tensor):
+            shape = tuple(example[i].shape)
+        else:
+            shape = tuple(d if isinstance(d, int) else 2 for d in val.shape)
+        specs.append(InputSpec(node.name, shape, val.dtype))
+    return specs
+
+
+def load_model(
+    path: str | Path, *, arch: str | None = None, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load a checkpoint in any accepted format, refusing unsafe pickles unless trusted."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == PT2:
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(
+                f"The torch.export program '{path}' cannot be loaded ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). It may be truncated or saved by an incompatible torch."
+            ) from None
+        return LoadedModel(program, fmt, str(path), program_input_specs(program))
+    if fmt == TORCHSCRIPT:
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(
+                f"The TorchScript archive '{path}' cannot be loaded ({exc}). It may be corrupt."
+            ) from None
+        return LoadedModel(scripted, fmt, str(path))
+    if fmt == SAFETENSORS:
+        try:
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(f"The safetensors file '{path}' is corrupt or truncated ({exc}).") from None
+        return _from_state_dict(state, arch, path, fmt)
+    try:
+        obj = _torch_load(path, weights_only=True)
+    except BadInputError:
+        raise
+    except Exception:  # weights_only refused a pickled object
+        if not trust_pickle:
+            raise _fail(
+                f"'{path}' is a pickled Python object (a whole nn.Module saved with "
+                "torch.save(model)). Unpickling runs arbitrary code from the file, so it is "
+                "refused by default. If you trust its source, add --trust-pickle. Safer: save "
+                "model.state_dict() and pass --arch MODULE:CALLABLE, or save a torch.export "
+                "program with torch.export.save."
+            ) from None
+        obj = _load_trusted_pickle(path)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, PICKLED_MODULE, str(path))
+    return _from_state_dict(unwrap_state_dict(obj), arch, path, STATE_DICT)
+
+
+def _load_trusted_pickle(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise _fail(
+            f"The pickled model '{path}' refers to code that cannot be imported here ({exc}). "
+            "Run from the directory of the training code, or save a state_dict and use --arch."
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(
+            f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded ({exc})."
+        ) from None
+
+
+def _from_state_dict(state, arch: str | None, path: Path, fmt: str) -> LoadedModel:
+    if arch is None:
+        raise _fail(
+            f"'{path}' is a {fmt} (weights only, no architecture). Add --arch MODULE:CALLABLE "
+            "naming a function that builds the model, for example --arch mypkg.nets:resnet50 "
+            "or --arch nets.py:build."
+        )
+    state = unwrap_state_dict(state)
+    model = build_arch(arch)
+    fit_state_dict(model, state, arch)
+    return LoadedModel(model, fmt, str(path))
+
+
+def torchscript_to_program(scripted, args: tuple) -> torch.export.ExportedProgram:
+    """Convert a TorchScript module to a torch.export program for folding."""
+    from torch._export.converter import TS2EPConverter
+
+    try:
+        return TS2EPConverter(scripted, args).convert()
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(
+            f"This TorchScript archive could not be converted for folding ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Export the model from its Python code with torch.export.save "
+            "(or save its state_dict and use --arch) instead."
+        ) from None
