@@ -173,7 +173,8 @@ class IntoPreceding:
             return self._refuse(f"an op between {layer.name} and the BN does not commute: {exc}")
         if tr.axis != 1:
             return self._refuse(
-                f"the BN normalizes axis 1 but the channels of {layer.name} arrive on axis {tr.axis}"
+                f"the BN normalizes axis 1 but the channels of {layer.name} arrive on "
+                f"axis {tr.axis}"
             )
         flat = tr.labels.ravel()
         if tr.labels.shape[0] != bn.channels or np.sort(flat).tolist() != list(range(out_channels)):
