@@ -104,3 +104,37 @@ def save_onnx(
         outputs=[o.name for o in proto.graph.output],
         dynamic_batch=bool(dynamic),
     )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    metadata: dict[str, object] | None = None,
+) -> OnnxInfo:
+    """Export a model (or a `FoldResult`) to `path` atomically; returns what was written.
+
+    A FoldResult brings its own example inputs and records its fold decisions in the ONNX
+    metadata (`bnexport_folded`, `bnexport_left`).
+    """
+    from bnexport import __version__
+
+    meta: dict[str, object] = {"bnexport_version": __version__}
+    report = getattr(model, "report", None)
+    if report is not None:
+        example_inputs = example_inputs if example_inputs is not None else model.example_inputs
+        meta["bnexport_folded"] = [
+            {"name": d.name, "into": d.into, "direction": d.direction} for d in report.folded
+        ]
+        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
+        model = model.module
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is None:
+        raise TypeError("export_onnx() needs example_inputs for a plain nn.Module")
+    meta.update(metadata or {})
+    proto = to_onnx_proto(model, tuple(example_inputs), opset=opset, dynamic_batch=dynamic_batch)
+    return save_onnx(proto, Path(path), metadata=meta)

@@ -190,3 +190,31 @@ def merge(results: list[VerifyResult]) -> VerifyResult:
             merged.accuracy = r.accuracy
             merged.data_argmax_agreement = r.data_argmax_agreement
     return merged
+
+
+def verify_onnx(
+    model: Callable,
+    onnx_path: str,
+    inputs: Iterable[tuple[torch.Tensor, ...] | torch.Tensor],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    labels: np.ndarray | None = None,
+) -> VerifyResult:
+    """Compare `model` (an nn.Module is run in eval mode, its flags restored) with the ONNX file.
+
+    `inputs` yields one batch per item: a tensor or a tuple of forward's positional tensors.
+    """
+    from bnexport.fold.torch_graph import eval_mode
+
+    def reference(*args):
+        if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
+            with eval_mode(model), torch.no_grad():
+                return model(*args)
+        with torch.no_grad():
+            return model(*args)
+
+    batches = ((b,) if isinstance(b, torch.Tensor) else tuple(b) for b in inputs)
+    return compare(
+        reference, OnnxRunner(str(onnx_path)), batches, atol=atol, rtol=rtol, labels=labels
+    )
