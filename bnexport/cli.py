@@ -236,6 +236,8 @@ def render(report: RunReport, console: Console) -> None:
         agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}"
         table.add_row(o.name, _fmt(o.max_abs_err), _fmt(o.max_rel_err), _fmt(o.scale), agree)
     console.print(table)
+    if v.data is not None:
+        console.print(f"verified on {v.data_size} samples from {v.data} and on random inputs")
     if v.accuracy is not None:
         console.print(
             f"accuracy on {v.accuracy.n} labelled samples: original {v.accuracy.reference:.2%}, "

@@ -176,14 +176,24 @@ def verify_against(
         results.append(
             compare(ref, runner, batches, atol=opts.atol, rtol=opts.rtol, labels=dataset.labels)
         )
-    return merge(results)
+    merged = merge(results)
+    if dataset is not None:
+        merged.data, merged.data_size = dataset.path, dataset.size
+    return merged
+
+
+def companion_data(model: Path) -> Path | None:
+    """`MODEL_test.npz` next to MODEL: held-out data used when --data is not given."""
+    candidate = Path(model).with_name(Path(model).stem + "_test.npz")
+    return candidate if candidate.is_file() else None
 
 
 def _prepare(opts: RunOptions, progress: Progress):
     progress("loading model")
     loaded = load_model(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle)
     specs = input_specs(loaded, opts.input_shapes)
-    dataset = load_npz(opts.data, specs) if opts.data is not None else None
+    data = opts.data if opts.data is not None else companion_data(opts.model)
+    dataset = load_npz(data, specs) if data is not None else None
     example = random_inputs(specs, _example_batch(specs, opts.static_batch), seed=0)
     if loaded.format == TORCHSCRIPT:
         loaded = LoadedModel(
@@ -204,6 +214,8 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     """Fold, export, verify; write the ONNX file (and the JSON report / folded program)."""
     output = opts.output or default_output(opts.model)
     sources = [opts.model] + ([opts.data] if opts.data else [])
+    if companion_data(opts.model) is not None:
+        sources.append(companion_data(opts.model))
     for path in [output, opts.json_path, opts.save_folded]:
         if path is not None:
             check_writable(Path(path), inputs=sources)

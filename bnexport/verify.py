@@ -53,6 +53,8 @@ class VerifyResult:
     batch_sizes: list[int] = field(default_factory=list)
     accuracy: Accuracy | None = None
     data_argmax_agreement: float | None = None
+    data: str | None = None
+    data_size: int = 0
 
     @property
     def passed(self) -> bool:
@@ -94,6 +96,8 @@ class VerifyResult:
             }
         if self.data_argmax_agreement is not None:
             out["data_argmax_agreement"] = self.data_argmax_agreement
+        if self.data is not None:
+            out["data"] = {"path": self.data, "samples": self.data_size}
         return out
 
 
