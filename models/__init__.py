@@ -1,0 +1,1 @@
+"""Small example models trained on scikit-learn's bundled data sets."""
