@@ -16,8 +16,8 @@ import onnxruntime as ort
 import torch
 from torch.utils import _pytree as pytree
 
-DEFAULT_ATOL = 1e-5
-DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-5
 
 
 @dataclass
