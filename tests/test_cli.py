@@ -153,7 +153,8 @@ def test_multi_input_dict_output_end_to_end(tmp_path):
 def test_input_shapes_for_several_inputs_of_a_state_dict(tmp_path, monkeypatch):
     torch.manual_seed(2)
     (tmp_path / "twonets.py").write_text(
-        "from tests.test_cli import TwoInputsDictOut\n\ndef build():\n    return TwoInputsDictOut()\n"
+        "from tests.test_cli import TwoInputsDictOut\n\n"
+        "def build():\n    return TwoInputsDictOut()\n"
     )
     model = _trained_like(TwoInputsDictOut())
     torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pt")
