@@ -1,0 +1,114 @@
+"""Reference architectures and trained-like BatchNorm statistics for the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN trained-like state: var log-uniform in 1e-4..1e2, gamma in [-2, 2]."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 6 - 3)
+            m.running_var.copy_(10 ** (torch.rand(n, generator=gen) * 6 - 4))
+            m.num_batches_tracked.fill_(100)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) * 4 - 2)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
+    return model
+
+
+class PreActBlock(nn.Module):
+    """He et al. 2016: BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv3x3, plus shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+        )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, widths=(8, 16), blocks=2, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(PreActBlock(cin, w, 2 if (b == 0 and i > 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        out = self.layers(self.stem(x))
+        out = F.relu(self.bn(out))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# ----------------------------------------------------------------------- random architectures
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def build_from_spec(spec: list[tuple], in_channels: int) -> nn.Module:
+    """Build an nn.Sequential from (kind, params) steps on (N, C, H, W) tensors.
+
+    Kinds: ("conv", cout, k, stride, groups, pad, mode, bias), ("convT", cout, k, stride, groups,
+    bias), ("bn",), ("relu",), ("drop",), ("res", substeps) (a residual block keeping shape),
+    ("head", classes, bn_before, bn_after) (flatten -> [BN1d] -> Linear -> [BN1d]), last only.
+    """
+    layers: list[nn.Module] = []
+    c = in_channels
+    for step in spec:
+        kind = step[0]
+        if kind == "conv":
+            _, cout, k, stride, groups, pad, mode, bias = step
+            layers.append(
+                nn.Conv2d(c, cout, k, stride, pad, groups=groups, bias=bias, padding_mode=mode)
+            )
+            c = cout
+        elif kind == "convT":
+            _, cout, k, stride, groups, bias = step
+            layers.append(nn.ConvTranspose2d(c, cout, k, stride, groups=groups, bias=bias))
+            c = cout
+        elif kind == "bn":
+            layers.append(nn.BatchNorm2d(c))
+        elif kind == "relu":
+            layers.append(nn.ReLU())
+        elif kind == "drop":
+            layers.append(nn.Dropout(0.3))
+        elif kind == "res":
+            layers.append(Residual(build_from_spec(step[1], c)))
+        elif kind == "head":
+            _, classes, bn_before, bn_after, features = step
+            layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+            if bn_before:
+                layers.append(nn.BatchNorm1d(c * 4))
+            layers.append(nn.Linear(c * 4, classes))
+            if bn_after:
+                layers.append(nn.BatchNorm1d(classes))
+    return nn.Sequential(*layers)
