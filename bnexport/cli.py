@@ -223,8 +223,8 @@ def render(report: RunReport, console: Console) -> None:
         )
     if report.verify_error:
         console.print(
-            f"verify: FAIL - onnxruntime could not run the file on the model's "
-            f"inputs: {report.verify_error}",
+            f"verify: FAIL - the comparison could not run on the model's inputs: "
+            f"{report.verify_error}",
             markup=False,
         )
         return
@@ -245,7 +245,8 @@ def render(report: RunReport, console: Console) -> None:
         )
     verdict = "PASS" if v.passed else "FAIL"
     console.print(
-        f"verify: {verdict} ({v.samples} batches, batch sizes {sorted(set(v.batch_sizes))}, "
+        f"verify: {verdict} ({v.samples} batch{'es' if v.samples != 1 else ''}, "
+        f"batch sizes {sorted(set(v.batch_sizes))}, "
         f"max abs err {_fmt(v.max_abs_err)}, max rel err {_fmt(v.max_rel_err)}; "
         f"tolerance atol {v.atol:g} + rtol {v.rtol:g} x scale)"
     )

@@ -20,6 +20,7 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    dynamic_batch: bool | None = None  # None: unknown (the model decides when traced)
 
     def with_batch(self, batch: int) -> tuple[int, ...]:
         return (batch, *self.shape[1:]) if self.shape else self.shape
@@ -78,9 +79,9 @@ def load_npz(path: Path, specs: list[InputSpec]) -> Dataset:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise BadInputError(f"The --data file '{path}' does not exist.") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same answer
+    except Exception:  # noqa: BLE001 - any unreadable file gets the same answer
         raise BadInputError(
-            f"The --data file '{path}' is not a readable .npz archive ({exc}). Save inputs with "
+            f"The --data file '{path}' is not a readable .npz archive. Save inputs with "
             "numpy.savez(path, <input name>=array, labels=array)."
         ) from None
     labels = arrays.pop(LABELS_KEY, None)

@@ -165,7 +165,7 @@ def build_arch(spec: str) -> nn.Module:
         ) from None
     if not isinstance(model, nn.Module):
         raise _fail(
-            f"--arch '{spec}' returned a {type(model).__name__}, not a torch.nn.Module. Point it "
+            f"--arch '{spec}' returned {type(model).__name__!r}, not a torch.nn.Module. Point it "
             "at a function or class that builds the model."
         )
     return model
@@ -235,7 +235,7 @@ def _torch_load(path: Path, weights_only: bool):
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - classified below
         text = str(exc)
-        if weights_only and ("Weights only load failed" in text or "Unsupported global" in text):
+        if weights_only and "Unsupported global" in text:
             raise
         raise _fail(
             f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded "
@@ -272,7 +272,8 @@ def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec
             shape = tuple(example[i].shape)
         else:
             shape = tuple(d if isinstance(d, int) else 2 for d in val.shape)
-        specs.append(InputSpec(node.name, shape, val.dtype))
+        dynamic = bool(val.shape) and isinstance(val.shape[0], torch.SymInt)
+        specs.append(InputSpec(node.name, shape, val.dtype, dynamic_batch=dynamic))
     return specs
 
 
@@ -327,6 +328,8 @@ def load_model(
 
 
 def _load_trusted_pickle(path: Path):
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
@@ -350,7 +353,7 @@ def _from_state_dict(state, arch: str | None, path: Path, fmt: str) -> LoadedMod
     state = unwrap_state_dict(state)
     model = build_arch(arch)
     fit_state_dict(model, state, arch)
-    return LoadedModel(model, fmt, str(path))
+    return LoadedModel(model.eval(), fmt, str(path))
 
 
 def torchscript_to_program(scripted, args: tuple) -> torch.export.ExportedProgram:

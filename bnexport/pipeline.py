@@ -98,8 +98,37 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _check_against_program(given: list[InputSpec], recorded: list[InputSpec]) -> None:
+    if len(given) != len(recorded):
+        raise BadInputError(
+            f"The model takes {len(recorded)} input(s) ({', '.join(s.name for s in recorded)}) "
+            f"but {len(given)} --input-shape flag(s) were given. Give one per input, or none "
+            "to use the shapes the checkpoint records."
+        )
+    for g, r in zip(given, recorded):
+        fixed = [(i, d) for i, d in enumerate(r.shape) if i > 0 or r.dynamic_batch is False]
+        if len(g.shape) != len(r.shape) or any(g.shape[i] != d for i, d in fixed):
+            expected = ", ".join(
+                "batch" if i == 0 and r.dynamic_batch else str(d) for i, d in enumerate(r.shape)
+            )
+            raise BadInputError(
+                f"The input shape {g.shape} does not fit input '{r.name}': the model expects "
+                f"({expected}). Fix --input-shape, or leave it out to use the recorded shape."
+            )
+
+
 def input_specs(loaded: LoadedModel, shapes: list[str]) -> list[InputSpec]:
     """Input specs from --input-shape flags, else from the checkpoint itself."""
+    if shapes and loaded.input_specs:
+        given = [
+            InputSpec(r.name, parse_shape(t), r.dtype, r.dynamic_batch)
+            for t, r in zip(shapes, loaded.input_specs)
+        ] + [
+            InputSpec(f"input_{i}", parse_shape(t))
+            for i, t in enumerate(shapes[len(loaded.input_specs) :], len(loaded.input_specs))
+        ]
+        _check_against_program(given, loaded.input_specs)
+        return given
     if shapes:
         names = loaded.input_names
         if loaded.input_specs and len(loaded.input_specs) == len(shapes):
@@ -120,8 +149,12 @@ def input_specs(loaded: LoadedModel, shapes: list[str]) -> list[InputSpec]:
     )
 
 
+def _static(specs: list[InputSpec], static_batch: bool) -> bool:
+    return static_batch or any(s.dynamic_batch is False for s in specs)
+
+
 def _example_batch(specs: list[InputSpec], static_batch: bool) -> int:
-    if static_batch:
+    if _static(specs, static_batch):
         return specs[0].shape[0] if specs and specs[0].shape else 1
     return 2
 
@@ -221,12 +254,11 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
             check_writable(Path(path), inputs=sources)
     loaded, specs, dataset, example = _prepare(opts, progress)
     progress("folding BatchNorm layers")
-    result: FoldResult = fold(loaded.model, example, dynamic_batch=not opts.static_batch)
+    dynamic = not _static(specs, opts.static_batch)
+    result: FoldResult = fold(loaded.model, example, dynamic_batch=dynamic)
     _check_runs(result, example)
     progress("exporting to ONNX")
-    proto = to_onnx_proto(
-        result.module, example, opset=opts.opset, dynamic_batch=not opts.static_batch
-    )
+    proto = to_onnx_proto(result.module, example, opset=opts.opset, dynamic_batch=dynamic)
     metadata = {
         "bnexport_version": __version__,
         "bnexport_source": Path(opts.model).name,
@@ -240,14 +272,13 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
         write_atomic(Path(opts.save_folded), lambda tmp: torch.export.save(program, tmp))
     info = save_onnx(proto, output, metadata=metadata)
     progress("verifying with onnxruntime")
-    report = RunReport(
-        str(opts.model),
-        str(output),
-        result.report,
-        info,
-        None,
-        warnings=loaded.warnings + result.report.warnings,
-    )
+    warnings = loaded.warnings + result.report.warnings
+    if dynamic != (not opts.static_batch):
+        warnings.append(
+            f"the checkpoint fixes the batch size to {example[0].shape[0]}; the ONNX file keeps "
+            "that static batch"
+        )
+    report = RunReport(str(opts.model), str(output), result.report, info, None, warnings=warnings)
     try:
         report.verify = verify_against(loaded, output, specs, opts, dataset, info.dynamic_batch)
     except Exception as exc:  # noqa: BLE001 - a run-time mismatch is a verification failure
@@ -282,6 +313,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
 
     dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
     dynamic = bool(dims) and all(len(d) and d[0].dim_param for d in dims)
+    dynamic = dynamic and not _static(specs, opts.static_batch)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     info = OnnxInfo(
         str(onnx_path),

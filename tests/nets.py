@@ -112,3 +112,24 @@ def build_from_spec(spec: list[tuple], in_channels: int) -> nn.Module:
             if bn_after:
                 layers.append(nn.BatchNorm1d(classes))
     return nn.Sequential(*layers)
+
+
+class SmallNet(nn.Module):
+    """Tiny checkpoint model for loader tests: conv-BN-ReLU-flatten-linear on (N, 1, 8, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def small_net() -> SmallNet:
+    return SmallNet()
+
+
+def not_a_module() -> int:
+    return 42
