@@ -106,6 +106,19 @@ def save_onnx(
     )
 
 
+def fold_metadata(report, **extra: object) -> dict[str, object]:
+    """ONNX metadata recording the tool version and every fold decision of `report`."""
+    from bnexport import __version__
+
+    meta: dict[str, object] = {"bnexport_version": __version__, **extra}
+    if report is not None:
+        meta["bnexport_folded"] = [
+            {"name": d.name, "into": d.into, "direction": d.direction} for d in report.folded
+        ]
+        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
+    return meta
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -120,16 +133,10 @@ def export_onnx(
     A FoldResult brings its own example inputs and records its fold decisions in the ONNX
     metadata (`bnexport_folded`, `bnexport_left`).
     """
-    from bnexport import __version__
-
-    meta: dict[str, object] = {"bnexport_version": __version__}
     report = getattr(model, "report", None)
+    meta = fold_metadata(report)
     if report is not None:
         example_inputs = example_inputs if example_inputs is not None else model.example_inputs
-        meta["bnexport_folded"] = [
-            {"name": d.name, "into": d.into, "direction": d.direction} for d in report.folded
-        ]
-        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
         model = model.module
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -6,6 +6,7 @@ that ends in a BadInputError leaves the file system as it found it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,14 @@ from torch import nn
 
 from bnexport import __version__
 from bnexport.errors import BadInputError
-from bnexport.export import DEFAULT_OPSET, OnnxInfo, save_onnx, to_onnx_proto
+from bnexport.export import (
+    DEFAULT_OPSET,
+    OnnxInfo,
+    count_batchnorm_nodes,
+    fold_metadata,
+    save_onnx,
+    to_onnx_proto,
+)
 from bnexport.files import check_writable, write_atomic, write_text_atomic
 from bnexport.fold import FoldResult, fold
 from bnexport.fold.torch_graph import eval_mode
@@ -259,14 +267,7 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     _check_runs(result, example)
     progress("exporting to ONNX")
     proto = to_onnx_proto(result.module, example, opset=opts.opset, dynamic_batch=dynamic)
-    metadata = {
-        "bnexport_version": __version__,
-        "bnexport_source": Path(opts.model).name,
-        "bnexport_folded": [
-            {"name": d.name, "into": d.into, "direction": d.direction} for d in result.report.folded
-        ],
-        "bnexport_left": [{"name": d.name, "reason": d.reason} for d in result.report.left],
-    }
+    metadata = fold_metadata(result.report, bnexport_source=Path(opts.model).name)
     if opts.save_folded is not None:
         program = torch.export.export(result.module, example, strict=False)
         write_atomic(Path(opts.save_folded), lambda tmp: torch.export.save(program, tmp))
@@ -283,11 +284,13 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
         report.verify = verify_against(loaded, output, specs, opts, dataset, info.dynamic_batch)
     except Exception as exc:  # noqa: BLE001 - a run-time mismatch is a verification failure
         report.verify_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    if opts.json_path is not None:
-        import json
-
-        write_text_atomic(Path(opts.json_path), json.dumps(report.to_dict(), indent=2) + "\n")
+    _write_json(report, opts.json_path)
     return report
+
+
+def _write_json(report: RunReport, path: Path | None) -> None:
+    if path is not None:
+        write_text_atomic(Path(path), json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def _check_runs(result: FoldResult, example: tuple) -> None:
@@ -309,8 +312,6 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
         proto = onnx.load(str(onnx_path))
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"'{onnx_path}' is not a readable ONNX model ({exc}).") from None
-    from bnexport.export import count_batchnorm_nodes
-
     dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
     dynamic = bool(dims) and all(len(d) and d[0].dim_param for d in dims)
     dynamic = dynamic and not _static(specs, opts.static_batch)
@@ -331,8 +332,5 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
         report.verify = verify_against(loaded, onnx_path, specs, opts, dataset, dynamic)
     except Exception as exc:  # noqa: BLE001
         report.verify_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    if opts.json_path is not None:
-        import json
-
-        write_text_atomic(Path(opts.json_path), json.dumps(report.to_dict(), indent=2) + "\n")
+    _write_json(report, opts.json_path)
     return report
