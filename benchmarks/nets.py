@@ -73,14 +73,24 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, classes: int = 1000, width: float = 1.0):
         super().__init__()
         c = int(32 * width)
-        layers: list[nn.Module] = [nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c),
-                                   nn.ReLU6()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, c, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU6(),
+        ]
         for t, ch, n, s in self.SETTINGS:
             out = int(ch * width)
             for i in range(n):
@@ -99,8 +109,9 @@ class PreActBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.short = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout \
-            else None
+        self.short = (
+            nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+        )
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
@@ -154,9 +165,12 @@ class EncoderDecoder(nn.Module):
         def up(i, o):
             return [nn.ConvTranspose2d(i, o, 2, 2), nn.BatchNorm2d(o), nn.ReLU()]
 
-        self.encoder = nn.Sequential(*down(c, base), *down(base, base * 2), *down(base * 2, base * 4))
-        self.decoder = nn.Sequential(*up(base * 4, base * 2), *up(base * 2, base), *up(base, base),
-                                     nn.Conv2d(base, c, 1))
+        self.encoder = nn.Sequential(
+            *down(c, base), *down(base, base * 2), *down(base * 2, base * 4)
+        )
+        self.decoder = nn.Sequential(
+            *up(base * 4, base * 2), *up(base * 2, base), *up(base, base), nn.Conv2d(base, c, 1)
+        )
 
     def forward(self, x):
         return self.decoder(self.encoder(x))

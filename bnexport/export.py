@@ -85,11 +85,10 @@ def save_onnx(
         entry = proto.metadata_props.add()
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto)
 
     def write(tmp: Path) -> None:
         onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(str(tmp))  # before the rename: a failing check leaves no file
 
     write_atomic(Path(path), write)
     inputs = [i.name for i in proto.graph.input]

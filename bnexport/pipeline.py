@@ -264,7 +264,6 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     progress("folding BatchNorm layers")
     dynamic = not _static(specs, opts.static_batch)
     result: FoldResult = fold(loaded.model, example, dynamic_batch=dynamic)
-    _check_runs(result, example)
     progress("exporting to ONNX")
     proto = to_onnx_proto(result.module, example, opset=opts.opset, dynamic_batch=dynamic)
     metadata = fold_metadata(result.report, bnexport_source=Path(opts.model).name)
@@ -291,11 +290,6 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
 def _write_json(report: RunReport, path: Path | None) -> None:
     if path is not None:
         write_text_atomic(Path(path), json.dumps(report.to_dict(), indent=2) + "\n")
-
-
-def _check_runs(result: FoldResult, example: tuple) -> None:
-    with torch.no_grad():
-        result.module(*example)
 
 
 def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -> RunReport:
