@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -309,6 +309,9 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
     dynamic = bool(dims) and all(len(d) and d[0].dim_param for d in dims)
     dynamic = dynamic and not _static(specs, opts.static_batch)
+    fixed = [d[0].dim_value for d in dims if len(d) and d[0].dim_value > 0]
+    if not dynamic and fixed and not opts.input_shapes:
+        specs = [replace(s, shape=s.with_batch(fixed[0])) for s in specs]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     info = OnnxInfo(
         str(onnx_path),

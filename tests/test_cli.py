@@ -134,6 +134,15 @@ def test_static_batch_fixes_the_batch_axis(cnn_pt2, tmp_path):
     assert json.loads(report.read_text())["verify"]["batch_sizes"] == [4]
 
 
+def test_verify_uses_the_static_batch_of_the_onnx_file(cnn_pt2, tmp_path):
+    out = tmp_path / "m.onnx"
+    args = ["--static-batch", "--input-shape", "4,1,8,8", "--samples", "1"]
+    assert _invoke("fold", cnn_pt2, "-o", out, *args).exit_code == 0
+    result = _invoke("verify", cnn_pt2, out, "--samples", "2")
+    assert result.exit_code == 0, result.output
+    assert "batch sizes [4]" in result.output
+
+
 def test_multi_input_dict_output_end_to_end(tmp_path):
     torch.manual_seed(1)
     model = _trained_like(TwoInputsDictOut())
