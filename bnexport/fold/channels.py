@@ -13,7 +13,6 @@ rows into one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,11 +194,3 @@ def step(node: fx.Node, tr: Tracked) -> Tracked:
 
 def initial(channels: int, axis: int) -> Tracked:
     return Tracked(axis, np.arange(channels).reshape(channels, 1))
-
-
-def channel_count(node: fx.Node, axis: int) -> int:
-    return int(node.meta["val"].shape[axis])
-
-
-def prod(xs) -> int:
-    return math.prod(int(x) for x in xs)

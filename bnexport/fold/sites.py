@@ -178,9 +178,6 @@ class LayerCall:
     def out_axis(self) -> int:
         return self.node.meta["val"].dim() - 1 if self.kind == "linear" else 1
 
-    def bias_position(self) -> int:
-        return 2
-
 
 def _padding_is_zero(padding, kernel: tuple[int, ...], dilation) -> bool:
     if isinstance(padding, str):
