@@ -218,7 +218,8 @@ def render(report: RunReport, console: Console) -> None:
         console.print(
             f"ONNX: {verb} {report.onnx.path} (opset {report.onnx.opset}, "
             f"{'dynamic' if report.onnx.dynamic_batch else 'static'} batch, "
-            f"{report.onnx.batchnorm_nodes} BatchNormalization nodes)",
+            f"{report.onnx.batchnorm_nodes} BatchNormalization "
+            f"node{'' if report.onnx.batchnorm_nodes == 1 else 's'})",
             markup=False,
         )
     if report.verify_error:
