@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.nets import reference_models  # noqa: E402
 from bnexport import fold  # noqa: E402
 from bnexport.export import count_batchnorm_nodes  # noqa: E402
-from bnexport.pipeline import RunOptions, run_fold  # noqa: E402
+from bnexport.runs import RunOptions, run_fold  # noqa: E402
 from bnexport.verify import OnnxRunner  # noqa: E402
 
 METRICS = (

@@ -1,38 +1,73 @@
 """bnexport: fold BatchNorm exactly, export to ONNX, verify the export with onnxruntime.
 
-Python API:
+Python API (each name is imported on first use, so `import bnexport` stays cheap):
 
-    from bnexport import fold, export_onnx, verify_onnx, load_model
+    from bnexport import fold, export_onnx, verify_onnx, load_model, run_fold, RunOptions
 
-    result = fold(model, example_inputs)      # folded GraphModule + per-BN report
+    result = fold(model, example_inputs)      # folded torch.export program + per-BN report
     export_onnx(result, "model.onnx")         # atomic write, onnx.checker, metadata
     verify_onnx(model, "model.onnx", [example_inputs]).passed
+    run_fold(RunOptions(model="model.pt2"))   # everything `bnexport fold` does
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
+import types
 
-from bnexport.errors import BadInputError, BnexportError, InvalidModelError  # noqa: E402
-from bnexport.export import OnnxInfo, export_onnx  # noqa: E402
-from bnexport.fold import FoldResult, fold  # noqa: E402
-from bnexport.load import LoadedModel, load_model  # noqa: E402
-from bnexport.report import FoldDecision, FoldReport  # noqa: E402
-from bnexport.verify import VerifyResult, verify_onnx  # noqa: E402
+from bnexport.version import __version__
 
-__all__ = [
-    "BadInputError",
-    "BnexportError",
-    "FoldDecision",
-    "FoldReport",
-    "FoldResult",
-    "InvalidModelError",
-    "LoadedModel",
-    "OnnxInfo",
-    "VerifyResult",
-    "__version__",
-    "fold",
-    "export_onnx",
-    "load_model",
-    "verify_onnx",
-]
+_PUBLIC = {
+    "BadInputError": "bnexport.errors",
+    "BnexportError": "bnexport.errors",
+    "InvalidModelError": "bnexport.errors",
+    "ExportError": "bnexport.errors",
+    "FoldDecision": "bnexport.report",
+    "FoldReport": "bnexport.report",
+    "RunReport": "bnexport.report",
+    "FoldResult": "bnexport.fold",
+    "OnnxInfo": "bnexport.export",
+    "export_onnx": "bnexport.export",
+    "export_program": "bnexport.export",
+    "VerifyResult": "bnexport.verify",
+    "verify_onnx": "bnexport.verify",
+    "Source": "bnexport.load",
+    "load_model": "bnexport.load",
+    "load_source": "bnexport.load",
+    "RunOptions": "bnexport.runs",
+    "run_fold": "bnexport.runs",
+    "run_verify": "bnexport.runs",
+}
+
+__all__ = ["__version__", "fold", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'bnexport' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`bnexport.fold` is the fold function, also after the `bnexport.fold` subpackage has
+    been imported (the import system would otherwise rebind the name to the subpackage)."""
+
+    @property
+    def fold(self):
+        from bnexport.fold import fold as fold_function
+
+        return fold_function
+
+    @fold.setter
+    def fold(self, _subpackage) -> None:
+        pass  # the subpackage stays reachable through sys.modules and `import bnexport.fold.x`
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,4 +1,7 @@
-"""`bnexport` command line: parse, call the pipeline, render. No logic lives here.
+"""`bnexport` command line: parse, call a run, render. No logic lives here.
+
+Only click is imported at start-up, so `bnexport --help` and `--version` are instant; a
+command imports the library (torch, onnx, onnxruntime) when it runs.
 
 Exit codes: 0 exported and verified; 1 exported but verification failed (file kept);
 2 bad usage or bad input (nothing written).
@@ -7,20 +10,15 @@ Exit codes: 0 exported and verified; 1 exported but verification failed (file ke
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from bnexport import __version__
-from bnexport.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY_FAILED, BnexportError
-from bnexport.export import DEFAULT_OPSET
-from bnexport.pipeline import RunOptions, RunReport, run_fold, run_verify
-from bnexport.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from bnexport.defaults import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, DEFAULT_SAMPLES
+from bnexport.errors import EXIT_BAD_INPUT, BnexportError, summarize_exception
+from bnexport.version import __version__
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 exported and verified; 1 exported but verification failed (the ONNX file "
@@ -71,7 +69,7 @@ def _common(fn):
         click.option(
             "--samples",
             type=click.IntRange(1, 1000),
-            default=4,
+            default=DEFAULT_SAMPLES,
             show_default=True,
             help="Number of seeded random input batches to verify on.",
         ),
@@ -120,21 +118,27 @@ def main() -> None:
     "--save-folded",
     type=click.Path(path_type=Path),
     metavar="PATH.pt2",
-    help="Also save the folded model as a torch.export program.",
+    help="Also save the folded torch.export program (the one that was exported).",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Keep the weights in OUT.onnx.data next to OUT.onnx (default: only for models "
+    "whose weights exceed 2 GB, which a single ONNX file cannot hold).",
 )
 @_common
-def fold(model, output, opset, save_folded, **kw) -> None:
+def fold(model, output, opset, save_folded, external_data, **kw) -> None:
     """Fold MODEL's BatchNorms, export it to ONNX and verify the export."""
     debug = kw.pop("debug")
-    opts = RunOptions(
+    opts = _options(
         model=model,
         output=output,
         opset=opset,
         save_folded=save_folded,
-        input_shapes=list(kw.pop("input_shapes")),
+        external_data=external_data,
         **kw,
     )
-    _run(lambda progress: run_fold(opts, progress), debug)
+    _run(lambda runs, progress: runs.run_fold(opts, progress), debug)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -144,8 +148,15 @@ def fold(model, output, opset, save_folded, **kw) -> None:
 def verify(model, onnx_file, **kw) -> None:
     """Check that OUT.onnx computes what MODEL computes in eval mode."""
     debug = kw.pop("debug")
-    opts = RunOptions(model=model, input_shapes=list(kw.pop("input_shapes")), **kw)
-    _run(lambda progress: run_verify(opts, onnx_file, progress), debug)
+    opts = _options(model=model, **kw)
+    _run(lambda runs, progress: runs.run_verify(opts, onnx_file, progress), debug)
+
+
+def _options(**kw):
+    from bnexport.runs import RunOptions
+
+    kw["input_shapes"] = list(kw.pop("input_shapes"))
+    return RunOptions(**kw)
 
 
 @contextmanager
@@ -163,94 +174,46 @@ def _quiet_libraries(debug: bool):
             logging.disable(level)
 
 
+class _Failure(click.ClickException):
+    """A library error at the CLI boundary: one paragraph on stderr, its own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", file=file, err=file is None)
+
+
 def _run(job, debug: bool) -> None:
+    from rich.console import Console
+
+    from bnexport import runs
+    from bnexport.render import render_run
+
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    interactive = out.is_terminal
     try:
         with _quiet_libraries(debug):
-            if interactive:
+            if out.is_terminal:
                 with err.status("working") as status:
-                    report = job(lambda msg: status.update(msg))
+                    report = job(runs, lambda msg: status.update(msg))
             else:
-                report = job(lambda msg: None)
+                report = job(runs, lambda msg: None)
     except BnexportError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False)
-        sys.exit(exc.exit_code)
+        raise _Failure(str(exc), exc.exit_code) from None
     except Exception as exc:  # noqa: BLE001 - unexpected: one paragraph, traceback with --debug
         if debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        err.print(
-            f"error: unexpected {type(exc).__name__}: {first}. Run again with --debug for the "
-            "full traceback.",
-            markup=False,
-        )
-        sys.exit(EXIT_BAD_INPUT)
-    render(report, out)
-    sys.exit(EXIT_OK if report.passed else EXIT_VERIFY_FAILED)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def render(report: RunReport, console: Console) -> None:
-    """Print the per-BN table, the ONNX summary and the verification verdict."""
-    if report.fold is not None:
-        table = Table(title=f"BatchNorm layers of {report.model}", title_justify="left")
-        for col in ("BatchNorm", "outcome", "detail"):
-            table.add_column(col, overflow="fold")
-        for name, _, outcome, detail in report.fold.rows():
-            table.add_row(name, outcome, detail)
-        console.print(table)
-        left = sum(d.status == "left" for d in report.fold.decisions)
-        called = left + len(report.fold.folded)
-        console.print(
-            f"BatchNorm: {called} before, {left} after ({len(report.fold.folded)} folded)"
-        )
-    for warning in report.warnings:
-        console.print(f"warning: {warning}", markup=False)
-    if report.onnx is not None:
-        verb = "wrote" if report.fold is not None else "checked"
-        console.print(
-            f"ONNX: {verb} {report.onnx.path} (opset {report.onnx.opset}, "
-            f"{'dynamic' if report.onnx.dynamic_batch else 'static'} batch, "
-            f"{report.onnx.batchnorm_nodes} BatchNormalization "
-            f"node{'' if report.onnx.batchnorm_nodes == 1 else 's'})",
-            markup=False,
-        )
-    if report.verify_error:
-        console.print(
-            f"verify: FAIL - the comparison could not run on the model's inputs: "
-            f"{report.verify_error}",
-            markup=False,
-        )
-        return
-    v = report.verify
-    table = Table(title="Verification (onnxruntime vs eval-mode PyTorch)", title_justify="left")
-    for col in ("output", "max abs err", "max rel err", "scale", "argmax agree"):
-        table.add_column(col)
-    for o in v.outputs:
-        agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}"
-        table.add_row(o.name, _fmt(o.max_abs_err), _fmt(o.max_rel_err), _fmt(o.scale), agree)
-    console.print(table)
-    if v.data is not None:
-        console.print(f"verified on {v.data_size} samples from {v.data} and on random inputs")
-    if v.accuracy is not None:
-        console.print(
-            f"accuracy on {v.accuracy.n} labelled samples: original {v.accuracy.reference:.2%}, "
-            f"ONNX {v.accuracy.onnx:.2%}; argmax agreement {v.data_argmax_agreement:.2%}"
-        )
-    verdict = "PASS" if v.passed else "FAIL"
-    console.print(
-        f"verify: {verdict} ({v.samples} batch{'es' if v.samples != 1 else ''}, "
-        f"batch sizes {sorted(set(v.batch_sizes))}, "
-        f"max abs err {_fmt(v.max_abs_err)}, max rel err {_fmt(v.max_rel_err)}; "
-        f"tolerance atol {v.atol:g} + rtol {v.rtol:g} x scale)"
-    )
+        raise _Failure(
+            f"unexpected {summarize_exception(exc)}. Run again with --debug for the full "
+            "traceback.",
+            EXIT_BAD_INPUT,
+        ) from None
+    render_run(report, out)
+    raise SystemExit(report.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Errors that carry a message for a person and the process exit code they map to."""
+"""Errors that carry a message for a person and the process exit code they map to.
+
+Importable without torch, so that the command line starts fast.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +26,24 @@ class InvalidModelError(BadInputError):
 
 class TraceError(BadInputError):
     """The model could not be traced with the given example inputs."""
+
+
+class ExportError(BnexportError):
+    """torch.onnx could not export the model, or the result failed onnx.checker."""
+
+
+def summarize_exception(exc: BaseException | None, limit: int = 300) -> str:
+    """`Type: first line of the message` (or `Type (no message)`), at most `limit` characters.
+
+    The one place that turns an exception into text for a person.
+    """
+    if exc is None:
+        return "unknown error"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    name = type(exc).__name__
+    if not lines:
+        return f"{name} (no message)"
+    first = lines[0]
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{name}: {first}"

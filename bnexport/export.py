@@ -1,4 +1,10 @@
-"""ONNX export of a (folded) model with torch.onnx's torch.export-based exporter."""
+"""The export stage: a (folded) torch.export program becomes a checked ONNX file.
+
+The program is handed to `torch.onnx.export` as it is, so it is not traced again. The file is
+written atomically with its metadata; models whose weights exceed `EXTERNAL_DATA_THRESHOLD`
+(or on request) keep their weights in `OUT.onnx.data` next to `OUT.onnx`, and the pair is
+moved into place together. `onnx.checker` accepts the file before it is moved into place.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +12,34 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-import torch
-from torch import nn
+from bnexport.defaults import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
+from bnexport.errors import ExportError, summarize_exception
+from bnexport.files import atomic_file_set
 
-from bnexport.errors import BnexportError
-from bnexport.files import write_atomic
-from bnexport.fold.torch_graph import batch_dynamic_shapes
-
-DEFAULT_OPSET = 18
+if TYPE_CHECKING:
+    import onnx
+    import torch
 
 
 @dataclass
 class OnnxInfo:
+    """What an ONNX file holds, as read from the file itself."""
+
     path: str
     opset: int
     batchnorm_nodes: int
     inputs: list[str]
     outputs: list[str]
     dynamic_batch: bool
-
-
-class ExportError(BnexportError):
-    """torch.onnx could not export the model."""
+    external_data: list[str] | None = None  # data files next to `path`, when weights are external
+    batch_size: int | None = None  # the fixed batch of a static-batch file
 
 
 def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
     """BatchNormalization nodes in the main graph and in every function and subgraph."""
+    import onnx
 
     def in_graph(graph: onnx.GraphProto) -> int:
         n = 0
@@ -51,96 +57,162 @@ def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
     return total
 
 
-def to_onnx_proto(
-    model: nn.Module, args: tuple, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True
-) -> onnx.ModelProto:
-    """Export `model` (called with `args`) to an ONNX ModelProto, batch axis dynamic if asked."""
-    dynamic_shapes = batch_dynamic_shapes(args) if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                model,
-                args,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                verbose=False,
-                report=False,
-            )
-        except Exception as exc:  # noqa: BLE001 - summarised for the user
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise ExportError(
-                f"torch.onnx.export failed ({type(exc).__name__}: {first}). Try another --opset "
-                "or --static-batch; run with --debug for the full trace."
-            ) from exc
-    return program.model_proto
+def _external_files(model: onnx.ModelProto) -> list[str]:
+    import onnx
+
+    files = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in files:
+                    files.append(entry.value)
+    return files
 
 
-def save_onnx(
-    proto: onnx.ModelProto, path: Path, *, metadata: dict[str, object] | None = None
-) -> OnnxInfo:
-    """Check `proto` with onnx.checker, add metadata, and write it to `path` atomically."""
-    for key, value in (metadata or {}).items():
-        entry = proto.metadata_props.add()
-        entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value)
+def describe_onnx(path: str | Path) -> OnnxInfo:
+    """Read an ONNX file's opset, inputs, outputs, batch axis and BN count (weights not loaded).
 
-    def write(tmp: Path) -> None:
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))  # before the rename: a failing check leaves no file
+    The batch axis is dynamic when axis 0 of every input is symbolic; otherwise the file
+    fixes the batch to the first input's axis 0.
+    """
+    import onnx
 
-    write_atomic(Path(path), write)
-    inputs = [i.name for i in proto.graph.input]
-    first_dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
-    dynamic = any(len(d) and d[0].dim_param for d in first_dims)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    model = onnx.load(str(path), load_external_data=False)
+    dims = [list(i.type.tensor_type.shape.dim) for i in model.graph.input]
+    batch_dims = [d[0] for d in dims if d]
+    dynamic = bool(batch_dims) and all(d.dim_param or not d.dim_value for d in batch_dims)
+    fixed = next((d.dim_value for d in batch_dims if d.dim_value > 0), None)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return OnnxInfo(
         path=str(path),
         opset=int(opset),
-        batchnorm_nodes=count_batchnorm_nodes(proto),
-        inputs=inputs,
-        outputs=[o.name for o in proto.graph.output],
-        dynamic_batch=bool(dynamic),
+        batchnorm_nodes=count_batchnorm_nodes(model),
+        inputs=[i.name for i in model.graph.input],
+        outputs=[o.name for o in model.graph.output],
+        dynamic_batch=dynamic,
+        external_data=_external_files(model) or None,
+        batch_size=None if dynamic else fixed,
     )
 
 
-def fold_metadata(report, **extra: object) -> dict[str, object]:
-    """ONNX metadata recording the tool version and every fold decision of `report`."""
-    from bnexport import __version__
+def to_onnx_program(program: torch.export.ExportedProgram, *, opset: int = DEFAULT_OPSET):
+    """`torch.onnx.export` of an already traced program (no second trace)."""
+    import torch
 
-    meta: dict[str, object] = {"bnexport_version": __version__, **extra}
-    if report is not None:
-        meta["bnexport_folded"] = [
-            {"name": d.name, "into": d.into, "direction": d.direction} for d in report.folded
-        ]
-        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
-    return meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.onnx.export(
+                program, (), dynamo=True, opset_version=opset, verbose=False, report=False
+            )
+        except Exception as exc:  # noqa: BLE001 - summarised for the user
+            raise ExportError(
+                f"torch.onnx.export failed ({summarize_exception(exc)}). Try another --opset "
+                "or --static-batch; run with --debug for the full trace."
+            ) from exc
+
+
+def initializer_bytes(model) -> int:
+    """Bytes of weights held by an onnx_ir model's initializers."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+def save_onnx_model(
+    model,
+    path: str | Path,
+    *,
+    metadata: dict[str, object] | None = None,
+    external_data: bool | None = None,
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> OnnxInfo:
+    """Write an onnx_ir model to `path` atomically, checked by onnx.checker first.
+
+    Metadata keys are set, not appended, so a model that already carries them stays valid.
+    `external_data=None` chooses external data when the weights exceed `threshold` bytes.
+    """
+    import onnx
+    from onnxscript import ir
+
+    path = Path(path)
+    for key, value in (metadata or {}).items():
+        model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
+    external = external_data if external_data is not None else initializer_bytes(model) > threshold
+    with atomic_file_set(path) as tmp:
+        try:
+            ir.save(model, tmp, external_data=f"{path.name}.data" if external else None)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(
+                f"Writing the ONNX file failed ({summarize_exception(exc)}). For a model over "
+                "2 GB, let the weights go to external data (the default; do not pass "
+                "--no-external-data)."
+            ) from exc
+        try:
+            onnx.checker.check_model(str(tmp))
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(
+                f"The exported ONNX model fails onnx.checker ({summarize_exception(exc)}); "
+                "nothing was written. Try another --opset; run with --debug for details."
+            ) from exc
+    return describe_onnx(path)
+
+
+def export_program(
+    program: torch.export.ExportedProgram,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, object] | None = None,
+    external_data: bool | None = None,
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> OnnxInfo:
+    """Export a torch.export program to a checked ONNX file at `path` (atomic)."""
+    onnx_program = to_onnx_program(program, opset=opset)
+    return save_onnx_model(
+        onnx_program.model,
+        path,
+        metadata=metadata,
+        external_data=external_data,
+        threshold=threshold,
+    )
 
 
 def export_onnx(
-    model: nn.Module,
+    model,
     path: str | Path,
-    example_inputs: tuple | torch.Tensor | None = None,
+    example_inputs: tuple | None = None,
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     metadata: dict[str, object] | None = None,
+    external_data: bool | None = None,
 ) -> OnnxInfo:
-    """Export a model (or a `FoldResult`) to `path` atomically; returns what was written.
+    """Export a `FoldResult`, an ExportedProgram or an nn.Module to `path` atomically.
 
-    A FoldResult brings its own example inputs and records its fold decisions in the ONNX
-    metadata (`bnexport_folded`, `bnexport_left`).
+    A FoldResult exports its folded program as it is and records its fold decisions in the
+    ONNX metadata (`bnexport_folded`, `bnexport_left`). An nn.Module is traced once with
+    `example_inputs` (batch axis dynamic unless `dynamic_batch` is False).
     """
+    import torch
+
+    from bnexport.render import onnx_metadata
+    from bnexport.trace import trace
+
     report = getattr(model, "report", None)
-    meta = fold_metadata(report)
-    if report is not None:
-        example_inputs = example_inputs if example_inputs is not None else model.example_inputs
-        model = model.module
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if example_inputs is None:
-        raise TypeError("export_onnx() needs example_inputs for a plain nn.Module")
+    meta = onnx_metadata(report)
     meta.update(metadata or {})
-    proto = to_onnx_proto(model, tuple(example_inputs), opset=opset, dynamic_batch=dynamic_batch)
-    return save_onnx(proto, Path(path), metadata=meta)
+    if report is not None:
+        program = model.program
+    elif isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        if example_inputs is None:
+            raise TypeError("export_onnx() needs example_inputs for an nn.Module")
+        program = trace(model, tuple(example_inputs), dynamic_batch=dynamic_batch)
+    return export_program(program, path, opset=opset, metadata=meta, external_data=external_data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,12 @@ def check_writable(path: Path, *, inputs: list[Path] = ()) -> None:
         )
 
 
+def _normal_permissions(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -47,13 +54,33 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        _normal_permissions(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file_set(path: Path) -> Iterator[Path]:
+    """Yield `path`'s own name inside a fresh directory beside it; the block writes that file
+    and any companions next to it (`OUT.onnx.data`, which the file names relatively).
+
+    Only if the block succeeds are the companions moved into place, then the file itself, so
+    there is never a file without its companions and never a half-written file or set.
+    """
+    path = Path(path)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp_dir / path.name
+        written = [p for p in tmp_dir.iterdir() if p.name != path.name]
+        for companion in written:
+            _normal_permissions(companion)
+            os.replace(companion, path.parent / companion.name)
+        _normal_permissions(tmp_dir / path.name)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bnexport.defaults import DATA_BATCH, LARGE_BATCH, SMALL_BATCH
 from bnexport.errors import BadInputError
 
 LABELS_KEY = "labels"
@@ -52,6 +53,32 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int) -> tuple[torch.
         else:
             out.append(torch.randint(0, 2, shape, generator=gen).to(spec.dtype))
     return tuple(out)
+
+
+def fixed_batch(specs: list[InputSpec]) -> int:
+    """The batch size a static-batch model was recorded with (1 when unknown)."""
+    return specs[0].shape[0] if specs and specs[0].shape else 1
+
+
+def example_inputs(specs: list[InputSpec], *, dynamic: bool) -> tuple[torch.Tensor, ...]:
+    """The inputs a model is traced with: batch 2 (so the batch axis can stay symbolic) when
+    dynamic, else the recorded batch."""
+    return random_inputs(specs, 2 if dynamic else fixed_batch(specs), seed=0)
+
+
+def verification_batches(
+    specs: list[InputSpec], *, dynamic: bool, samples: int, dataset: Dataset | None = None
+) -> list[tuple[torch.Tensor, ...]]:
+    """Seeded random batches (batch 1 and 8 alternately when dynamic, else the fixed batch),
+    then the data set's batches (those of the fixed size, for a static-batch model)."""
+    sizes = [SMALL_BATCH, LARGE_BATCH] if dynamic else [fixed_batch(specs)]
+    batches = [
+        random_inputs(specs, sizes[i % len(sizes)], seed=1000 + i) for i in range(max(samples, 1))
+    ]
+    if dataset is not None:
+        size = DATA_BATCH if dynamic else fixed_batch(specs)
+        batches += [b for b in dataset.batches(size) if dynamic or b[0].shape[0] == size]
+    return batches
 
 
 @dataclass

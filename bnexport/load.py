@@ -1,11 +1,13 @@
-"""Loading checkpoints: format detection, trust rules, state_dict unwrapping, input specs.
+"""The load stage: a checkpoint becomes a `Source` that knows its format, its input specs
+and an eval-mode reference callable, and gives the later stages one torch.export program.
 
 Accepted formats (detected from the file's content, not its name):
 
 * torch.export program (`torch.export.save`, .pt2): safe and self-describing.
 * state_dict (`torch.save(model.state_dict())` or `.safetensors`) plus `--arch MODULE:CALLABLE`.
 * whole pickled nn.Module (`torch.save(model)`): only with `trust_pickle=True`.
-* TorchScript archive (`torch.jit.save`): converted to a torch.export program; needs input shapes.
+* TorchScript archive (`torch.jit.save`): converted to a torch.export program here (it needs
+  input shapes), so the later stages see a program like any other.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import os
 import struct
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bnexport.errors import BadInputError
-from bnexport.inputs import InputSpec
+from bnexport.errors import BadInputError, summarize_exception
+from bnexport.inputs import InputSpec, example_inputs, parse_shape
+from bnexport.trace import TRAINING_MODE_WARNING, batchnorm_modules, in_training_mode, trace
 
 PT2 = "torch.export program"
 STATE_DICT = "state_dict"
@@ -37,8 +41,13 @@ _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
 @dataclass
-class LoadedModel:
-    """A model ready to fold: an eval-able nn.Module or an ExportedProgram."""
+class Source:
+    """A loaded checkpoint: an nn.Module (or TorchScript module) or an ExportedProgram.
+
+    `input_specs` are the forward inputs (from the program, or from --input-shape);
+    `reference()` is the eval-mode original as a callable; `to_program()` gives the one
+    torch.export program that the fold and export stages work on.
+    """
 
     model: nn.Module | torch.export.ExportedProgram
     format: str
@@ -51,6 +60,41 @@ class LoadedModel:
         if isinstance(self.model, torch.export.ExportedProgram):
             return [s.name for s in program_input_specs(self.model)]
         return forward_input_names(self.model)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """False when the checkpoint itself fixes the batch size."""
+        return not any(s.dynamic_batch is False for s in self.input_specs or [])
+
+    def reference(self) -> Callable:
+        """The eval-mode original (an nn.Module is put in eval mode when called)."""
+        if isinstance(self.model, torch.export.ExportedProgram):
+            return self.model.module()
+        return self.model
+
+    def batchnorm_modules(self) -> dict[str, str]:
+        """Qualified name -> class name of every BatchNorm module (empty for a program)."""
+        if isinstance(self.model, torch.export.ExportedProgram):
+            return {}
+        return batchnorm_modules(self.model)
+
+    def to_program(
+        self, args: tuple, *, dynamic_batch: bool = True
+    ) -> torch.export.ExportedProgram:
+        """The program to fold: the loaded one, or the module traced once in eval mode.
+
+        A loaded program with a dynamic batch axis is traced again, with a fixed batch, only
+        when a static batch is asked for (--static-batch).
+        """
+        if isinstance(self.model, torch.export.ExportedProgram):
+            recorded = program_input_specs(self.model)
+            if dynamic_batch or not any(s.dynamic_batch for s in recorded):
+                return self.model
+            return trace(self.model.module(), args, dynamic_batch=False)
+        return trace(self.model, args, dynamic_batch=dynamic_batch)
+
+
+LoadedModel = Source  # the name of earlier releases
 
 
 def _fail(message: str) -> BadInputError:
@@ -145,7 +189,7 @@ def import_callable(spec: str):
             module = importlib.import_module(where)
     except Exception as exc:  # noqa: BLE001 - any import failure gets the same answer
         raise _fail(
-            f"--arch '{spec}': cannot import '{where}' ({type(exc).__name__}: {exc}). Give an "
+            f"--arch '{spec}': cannot import '{where}' ({summarize_exception(exc)}). Give an "
             "importable module (run from the directory that contains it) or a path to a .py file."
         ) from None
     fn = getattr(module, name, None)
@@ -160,7 +204,7 @@ def build_arch(spec: str) -> nn.Module:
         model = fn()
     except Exception as exc:  # noqa: BLE001
         raise _fail(
-            f"--arch '{spec}' raised {type(exc).__name__} when called with no arguments: {exc}. "
+            f"--arch '{spec}' raised {summarize_exception(exc)} when called with no arguments. "
             "The callable must build the architecture without arguments."
         ) from None
     if not isinstance(model, nn.Module):
@@ -239,7 +283,7 @@ def _torch_load(path: Path, weights_only: bool):
             raise
         raise _fail(
             f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded "
-            f"({type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}). Save it again."
+            f"({summarize_exception(exc, 200)}). Save it again."
         ) from None
 
 
@@ -277,9 +321,7 @@ def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec
     return specs
 
 
-def load_model(
-    path: str | Path, *, arch: str | None = None, trust_pickle: bool = False
-) -> LoadedModel:
+def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> Source:
     """Load a checkpoint in any accepted format, refusing unsafe pickles unless trusted."""
     path = Path(path)
     fmt = detect_format(path)
@@ -288,25 +330,30 @@ def load_model(
             program = torch.export.load(path)
         except Exception as exc:  # noqa: BLE001
             raise _fail(
-                f"The torch.export program '{path}' cannot be loaded ({type(exc).__name__}: "
-                f"{str(exc)[:200]}). It may be truncated or saved by an incompatible torch."
+                f"The torch.export program '{path}' cannot be loaded "
+                f"({summarize_exception(exc, 200)}). It may be truncated or saved by an "
+                "incompatible torch."
             ) from None
-        return LoadedModel(program, fmt, str(path), program_input_specs(program))
+        return Source(program, fmt, str(path), program_input_specs(program))
     if fmt == TORCHSCRIPT:
         try:
             scripted = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
             raise _fail(
-                f"The TorchScript archive '{path}' cannot be loaded ({exc}). It may be corrupt."
+                f"The TorchScript archive '{path}' cannot be loaded ({summarize_exception(exc)}). "
+                "It may be corrupt."
             ) from None
-        return LoadedModel(scripted, fmt, str(path))
+        return Source(scripted, fmt, str(path))
     if fmt == SAFETENSORS:
         try:
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
-            raise _fail(f"The safetensors file '{path}' is corrupt or truncated ({exc}).") from None
+            raise _fail(
+                f"The safetensors file '{path}' is corrupt or truncated "
+                f"({summarize_exception(exc)})."
+            ) from None
         return _from_state_dict(state, arch, path, fmt)
     try:
         obj = _torch_load(path, weights_only=True)
@@ -323,7 +370,7 @@ def load_model(
             ) from None
         obj = _load_trusted_pickle(path)
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj, PICKLED_MODULE, str(path))
+        return Source(obj, PICKLED_MODULE, str(path))
     return _from_state_dict(unwrap_state_dict(obj), arch, path, STATE_DICT)
 
 
@@ -334,16 +381,18 @@ def _load_trusted_pickle(path: Path):
         return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise _fail(
-            f"The pickled model '{path}' refers to code that cannot be imported here ({exc}). "
-            "Run from the directory of the training code, or save a state_dict and use --arch."
+            f"The pickled model '{path}' refers to code that cannot be imported here "
+            f"({summarize_exception(exc)}). Run from the directory of the training code, or "
+            "save a state_dict and use --arch."
         ) from None
     except Exception as exc:  # noqa: BLE001
         raise _fail(
-            f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded ({exc})."
+            f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded "
+            f"({summarize_exception(exc)})."
         ) from None
 
 
-def _from_state_dict(state, arch: str | None, path: Path, fmt: str) -> LoadedModel:
+def _from_state_dict(state, arch: str | None, path: Path, fmt: str) -> Source:
     if arch is None:
         raise _fail(
             f"'{path}' is a {fmt} (weights only, no architecture). Add --arch MODULE:CALLABLE "
@@ -353,7 +402,7 @@ def _from_state_dict(state, arch: str | None, path: Path, fmt: str) -> LoadedMod
     state = unwrap_state_dict(state)
     model = build_arch(arch)
     fit_state_dict(model, state, arch)
-    return LoadedModel(model.eval(), fmt, str(path))
+    return Source(model.eval(), fmt, str(path))
 
 
 def torchscript_to_program(scripted, args: tuple) -> torch.export.ExportedProgram:
@@ -364,7 +413,78 @@ def torchscript_to_program(scripted, args: tuple) -> torch.export.ExportedProgra
         return TS2EPConverter(scripted, args).convert()
     except Exception as exc:  # noqa: BLE001
         raise _fail(
-            f"This TorchScript archive could not be converted for folding ({type(exc).__name__}: "
-            f"{str(exc)[:200]}). Export the model from its Python code with torch.export.save "
-            "(or save its state_dict and use --arch) instead."
+            f"This TorchScript archive could not be converted for folding "
+            f"({summarize_exception(exc, 200)}). Export the model from its Python code with "
+            "torch.export.save (or save its state_dict and use --arch) instead."
         ) from None
+
+
+def _check_against_program(given: list[InputSpec], recorded: list[InputSpec]) -> None:
+    if len(given) != len(recorded):
+        raise _fail(
+            f"The model takes {len(recorded)} input(s) ({', '.join(s.name for s in recorded)}) "
+            f"but {len(given)} --input-shape flag(s) were given. Give one per input, or none "
+            "to use the shapes the checkpoint records."
+        )
+    for g, r in zip(given, recorded):
+        fixed = [(i, d) for i, d in enumerate(r.shape) if i > 0 or r.dynamic_batch is False]
+        if len(g.shape) != len(r.shape) or any(g.shape[i] != d for i, d in fixed):
+            expected = ", ".join(
+                "batch" if i == 0 and r.dynamic_batch else str(d) for i, d in enumerate(r.shape)
+            )
+            raise _fail(
+                f"The input shape {g.shape} does not fit input '{r.name}': the model expects "
+                f"({expected}). Fix --input-shape, or leave it out to use the recorded shape."
+            )
+
+
+def resolve_input_specs(source: Source, shapes: list[str]) -> list[InputSpec]:
+    """Input specs from --input-shape flags (checked against a program's own), else the
+    checkpoint's."""
+    recorded = source.input_specs or []
+    if shapes and recorded:
+        given = [
+            InputSpec(r.name, parse_shape(t), r.dtype, r.dynamic_batch)
+            for t, r in zip(shapes, recorded)
+        ] + [
+            InputSpec(f"input_{i}", parse_shape(t))
+            for i, t in enumerate(shapes[len(recorded) :], len(recorded))
+        ]
+        _check_against_program(given, recorded)
+        return given
+    if shapes:
+        names = source.input_names
+        return [
+            InputSpec(names[i] if i < len(names) else f"input_{i}", parse_shape(text))
+            for i, text in enumerate(shapes)
+        ]
+    if recorded:
+        return recorded
+    raise _fail(
+        f"'{source.path}' is a {source.format}, which does not record its input shapes. Give "
+        "one --input-shape per forward input, batch first, for example --input-shape "
+        "1,3,224,224."
+    )
+
+
+def load_source(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[str] = (),
+    static_batch: bool = False,
+) -> Source:
+    """Load any accepted checkpoint with its input specs resolved; TorchScript is converted
+    to a torch.export program here, so every later stage sees a module or a program."""
+    source = load_model(path, arch=arch, trust_pickle=trust_pickle)
+    specs = resolve_input_specs(source, list(input_shapes))
+    if static_batch:
+        specs = [replace(s, dynamic_batch=False) for s in specs]
+    source.input_specs = specs
+    if source.format == TORCHSCRIPT:
+        args = example_inputs(specs, dynamic=source.dynamic_batch)
+        source.model = torchscript_to_program(source.model, args)
+    elif isinstance(source.model, nn.Module) and in_training_mode(source.model):
+        source.warnings.append(TRAINING_MODE_WARNING)
+    return source

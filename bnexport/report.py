@@ -1,14 +1,29 @@
-"""The per-BatchNorm fold report: plain data that renders as a table or as JSON."""
+"""The run report: plain data with one verdict, which decides the exit code.
+
+A BatchNorm has one of three fates: `folded` into a neighbour, `left` in the exported graph
+(with a reason), or `unused` (forward never calls it, so it is not in the exported graph).
+`left` means the same thing everywhere: the BNs the exported model still computes.
+Rendering (tables, JSON, ONNX metadata) lives in `bnexport.render`.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bnexport.errors import EXIT_OK, EXIT_VERIFY_FAILED
+
+if TYPE_CHECKING:
+    from bnexport.export import OnnxInfo
+    from bnexport.verify import VerifyResult
 
 FOLDED = "folded"
 LEFT = "left"
 UNUSED = "unused"
+
+PASSED = "passed"
+FAILED = "failed"
+NOT_RUN = "not run"
 
 
 @dataclass
@@ -40,6 +55,7 @@ class FoldReport:
 
     @property
     def total(self) -> int:
+        """Every BatchNorm: folded + left + unused."""
         return len(self.decisions)
 
     @property
@@ -48,7 +64,17 @@ class FoldReport:
 
     @property
     def left(self) -> list[FoldDecision]:
-        return [d for d in self.decisions if d.status != FOLDED]
+        """BNs that the exported model still computes."""
+        return [d for d in self.decisions if d.status == LEFT]
+
+    @property
+    def unused(self) -> list[FoldDecision]:
+        return [d for d in self.decisions if d.status == UNUSED]
+
+    @property
+    def called(self) -> int:
+        """BN calls in the traced graph before folding (folded + left)."""
+        return len(self.folded) + len(self.left)
 
     def decision(self, name: str) -> FoldDecision:
         """The decision for the BN called `name` (KeyError when there is none)."""
@@ -58,31 +84,49 @@ class FoldReport:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "total": self.total,
-            "folded": len(self.folded),
-            "left": [{"name": d.name, "reason": d.reason} for d in self.left],
-            "layers": [asdict(d) for d in self.decisions],
-            "warnings": list(self.warnings),
-        }
+        from bnexport.render import fold_report_dict
+
+        return fold_report_dict(self)
 
     def to_json(self, indent: int = 2) -> str:
+        import json
+
         return json.dumps(self.to_dict(), indent=indent)
 
-    def rows(self) -> list[tuple[str, str, str, str]]:
-        """(name, kind, outcome, detail) per BN, for table rendering."""
-        out = []
-        for d in self.decisions:
-            if d.folded:
-                out.append((d.name, d.kind, "folded", f"into {d.direction} {d.into}"))
-            else:
-                out.append((d.name, d.kind, d.status, d.reason or ""))
-        return out
-
     def __str__(self) -> str:
-        width = max([len(r[0]) for r in self.rows()] + [4])
-        lines = [f"{'name':<{width}}  outcome  detail"]
-        lines += [f"{n:<{width}}  {o:<7}  {det}" for n, _, o, det in self.rows()]
-        lines.append(f"{len(self.folded)} of {self.total} BatchNorm folded")
-        lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        from bnexport.render import fold_report_text
+
+        return fold_report_text(self)
+
+
+@dataclass
+class RunReport:
+    """What one run did, and its verdict.
+
+    `verdict` is `passed` (the ONNX file computes what the original does), `failed` (it was
+    written but does not), or `not run` (the comparison itself could not run: `verify_error`).
+    """
+
+    command: str
+    model: str
+    output: str
+    fold: FoldReport | None = None
+    onnx: OnnxInfo | None = None
+    verify: VerifyResult | None = None
+    verify_error: str | None = None
+    saved_program: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.verify_error is not None or self.verify is None:
+            return NOT_RUN
+        return PASSED if self.verify.passed else FAILED
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == PASSED
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_VERIFY_FAILED

@@ -1,6 +1,10 @@
-"""Verification: the exported ONNX file in onnxruntime against the eval-mode original.
+"""The verify stage: an ONNX file in onnxruntime against a reference, on the same inputs.
 
-For each output o over all samples: max abs error max|onnx - ref|, its scale max|ref|, and
+The reference is a callable (the eval-mode original; an nn.Module is run in eval mode with its
+flags restored) or the outputs it gave, recorded beforehand (one per batch). Outputs may be
+torch tensors or numpy arrays, nested in tuples, lists or dicts.
+
+For each output o over all batches: max abs error max|onnx - ref|, its scale max|ref|, and
 max relative error = max abs error / scale. An output passes when
 max abs error <= atol + rtol * scale. Class-score outputs (2-D, last axis >= 2) also report
 argmax agreement.
@@ -8,16 +12,12 @@ argmax agreement.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
-import torch
-from torch.utils import _pytree as pytree
 
-DEFAULT_ATOL = 1e-6
-DEFAULT_RTOL = 1e-5
+from bnexport.defaults import DEFAULT_ATOL, DEFAULT_RTOL
 
 
 @dataclass
@@ -69,84 +69,108 @@ class VerifyResult:
         return max((o.max_rel_err for o in self.outputs), default=0.0)
 
     def to_dict(self) -> dict:
-        out = {
-            "passed": self.passed,
-            "max_abs_err": self.max_abs_err,
-            "max_rel_err": self.max_rel_err,
-            "samples": self.samples,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "batch_sizes": self.batch_sizes,
-            "outputs": [
-                {
-                    "name": o.name,
-                    "max_abs_err": o.max_abs_err,
-                    "max_rel_err": o.max_rel_err,
-                    "scale": o.scale,
-                    "argmax_agreement": o.argmax_agreement,
-                }
-                for o in self.outputs
-            ],
-        }
-        if self.accuracy is not None:
-            out["accuracy"] = {
-                "original": self.accuracy.reference,
-                "onnx": self.accuracy.onnx,
-                "n": self.accuracy.n,
-            }
-        if self.data_argmax_agreement is not None:
-            out["data_argmax_agreement"] = self.data_argmax_agreement
-        if self.data is not None:
-            out["data"] = {"path": self.data, "samples": self.data_size}
-        return out
+        from bnexport.render import verify_dict
+
+        return verify_dict(self)
 
 
-def flatten_outputs(value) -> tuple[list[str], list[np.ndarray]]:
-    """Tensor leaves of a (nested) output in the exporter's order, with readable names."""
+@dataclass
+class Outputs:
+    """The tensor leaves of one model output, flattened in the exporter's order, as numpy."""
+
+    names: list[str]
+    arrays: list[np.ndarray]
+
+
+def as_outputs(value) -> Outputs:
+    """Flatten a (nested) output of torch tensors or numpy arrays into named numpy arrays."""
+    if isinstance(value, Outputs):
+        return value
+    from torch.utils import _pytree as pytree
+
     leaves, _ = pytree.tree_flatten_with_path(value)
     names, arrays = [], []
     for path, leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
+        if hasattr(leaf, "detach"):
+            leaf = leaf.detach().cpu().numpy()
+        if isinstance(leaf, np.ndarray):
             names.append(pytree.keystr(path) or "output")
-            arrays.append(leaf.detach().cpu().numpy())
-    return names, arrays
+            arrays.append(leaf)
+    return Outputs(names, arrays)
+
+
+def as_numpy_batch(batch) -> tuple[np.ndarray, ...]:
+    """One batch (a tensor, an array, or a tuple of them) as a tuple of numpy arrays."""
+    items = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in items)
+
+
+def run_reference(reference: Callable, batch) -> Outputs:
+    """Call `reference` on one batch without autograd (an nn.Module in eval mode)."""
+    import torch
+
+    from bnexport.trace import eval_mode
+
+    items = batch if isinstance(batch, (tuple, list)) else (batch,)
+    args = tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in items)
+    with torch.no_grad():
+        if isinstance(reference, torch.nn.Module):
+            with eval_mode(reference):
+                return as_outputs(reference(*args))
+        return as_outputs(reference(*args))
+
+
+def record_reference(reference: Callable, batches: Iterable) -> list[Outputs]:
+    """The reference's outputs on every batch, to compare with later."""
+    return [run_reference(reference, batch) for batch in batches]
 
 
 class OnnxRunner:
-    """An onnxruntime CPU session fed with positional tensors."""
+    """An onnxruntime CPU session fed with positional inputs (torch tensors or numpy)."""
 
     def __init__(self, path: str, optimize: bool = True):
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, *args: torch.Tensor) -> list[np.ndarray]:
-        leaves = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, leaves)}
+    def __call__(self, *args) -> list[np.ndarray]:
+        feed = dict(zip(self.input_names, as_numpy_batch(args)))
         return self.session.run(None, feed)
 
 
+def _batch_size(batch) -> int:
+    first = as_numpy_batch(batch)[:1]
+    return int(first[0].shape[0]) if first and first[0].ndim else 1
+
+
 def compare(
-    reference: Callable,
-    runner: OnnxRunner,
-    batches: Iterable[tuple[torch.Tensor, ...]],
+    reference: Callable | Sequence,
+    runner: Callable,
+    batches: Iterable,
     *,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     labels: np.ndarray | None = None,
 ) -> VerifyResult:
-    """Run both models on every batch and accumulate per-output errors."""
+    """Run the ONNX model on every batch and accumulate per-output errors against the reference.
+
+    `reference` is a callable, or a sequence with the recorded output of each batch.
+    """
+    recorded = None if callable(reference) else list(reference)
     checks: list[OutputCheck] | None = None
     samples, batch_sizes = 0, []
     ref_correct = onnx_correct = n_labels = 0
     agree = total = 0
-    for batch in batches:
-        with torch.no_grad():
-            names, ref = flatten_outputs(reference(*batch))
-        got = runner(*batch)
+    for i, batch in enumerate(batches):
+        expected = run_reference(reference, batch) if recorded is None else recorded[i]
+        expected = as_outputs(expected)
+        names, ref = expected.names, expected.arrays
+        got = runner(*as_numpy_batch(batch))
         if len(got) != len(ref):
             raise ValueError(f"the ONNX model has {len(got)} outputs but the model has {len(ref)}")
         if checks is None:
@@ -170,7 +194,7 @@ def compare(
             agree += int((ref[0].argmax(1) == got[0].argmax(1)).sum())
             total += len(lab)
         samples += 1
-        batch_sizes.append(int(batch[0].shape[0]) if batch and batch[0].dim() else 1)
+        batch_sizes.append(_batch_size(batch))
     result = VerifyResult(checks or [], samples, atol, rtol, batch_sizes)
     if n_labels:
         result.accuracy = Accuracy(ref_correct / n_labels, onnx_correct / n_labels, n_labels)
@@ -193,32 +217,27 @@ def merge(results: list[VerifyResult]) -> VerifyResult:
         if r.accuracy is not None:
             merged.accuracy = r.accuracy
             merged.data_argmax_agreement = r.data_argmax_agreement
+        if r.data is not None:
+            merged.data, merged.data_size = r.data, r.data_size
     return merged
 
 
 def verify_onnx(
-    model: Callable,
+    reference: Callable | Sequence,
     onnx_path: str,
-    inputs: Iterable[tuple[torch.Tensor, ...] | torch.Tensor],
+    inputs: Iterable,
     *,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     labels: np.ndarray | None = None,
 ) -> VerifyResult:
-    """Compare `model` (an nn.Module is run in eval mode, its flags restored) with the ONNX file.
+    """Compare a reference with the ONNX file at `onnx_path` on every batch of `inputs`.
 
-    `inputs` yields one batch per item: a tensor or a tuple of forward's positional tensors.
+    `reference`: a callable (an nn.Module is run in eval mode, its flags restored) or the
+    recorded output of each batch (torch tensors or numpy arrays). `inputs` yields one batch
+    per item: a tensor or array, or a tuple of forward's positional inputs.
     """
-    from bnexport.fold.torch_graph import eval_mode
-
-    def reference(*args):
-        if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
-            with eval_mode(model), torch.no_grad():
-                return model(*args)
-        with torch.no_grad():
-            return model(*args)
-
-    batches = ((b,) if isinstance(b, torch.Tensor) else tuple(b) for b in inputs)
+    batches = list(inputs)
     return compare(
         reference, OnnxRunner(str(onnx_path)), batches, atol=atol, rtol=rtol, labels=labels
     )

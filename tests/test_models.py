@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnexport.pipeline import RunOptions, run_fold
+from bnexport.runs import RunOptions, run_fold
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

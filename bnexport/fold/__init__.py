@@ -1,71 +1,76 @@
-"""The fold engine: trace a model, fold its BatchNorms exactly, report each decision."""
+"""The fold stage: a model or program in, a folded torch.export program and its report out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from bnexport.fold.torch_graph import fold_graph, trace
+from bnexport.fold.torch_engine import fold_program
 from bnexport.report import FoldReport
+from bnexport.trace import TRAINING_MODE_WARNING, batchnorm_modules, in_training_mode, trace
 
-__all__ = ["FoldResult", "fold"]
+__all__ = ["FoldResult", "fold", "fold_program"]
 
 
 @dataclass
 class FoldResult:
-    """The folded model (a torch.fx GraphModule, callable on tensors) and its report."""
+    """The folded program, its report and the example inputs it was traced with.
 
-    module: fx.GraphModule
+    `module` is the folded program as a callable GraphModule (built on first use).
+    """
+
+    program: torch.export.ExportedProgram
     report: FoldReport
     example_inputs: tuple
+    _module: fx.GraphModule | None = field(default=None, repr=False)
+
+    @property
+    def module(self) -> fx.GraphModule:
+        if self._module is None:
+            self._module = self.program.module()
+        return self._module
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
 
-def _batchnorm_modules(model: nn.Module) -> dict[str, str]:
-    return {
-        name: type(m).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    }
+def _stored_example(program: torch.export.ExportedProgram) -> tuple | None:
+    stored = getattr(program, "example_inputs", None)
+    return tuple(stored[0]) if stored else None
 
 
 def fold(
-    model: nn.Module | torch.export.ExportedProgram,
+    model: nn.Module | torch.export.ExportedProgram | FoldResult,
     example_inputs: tuple | torch.Tensor | None = None,
     *,
     dynamic_batch: bool = True,
 ) -> FoldResult:
     """Fold every BatchNorm of `model` that folds exactly, leaving `model` untouched.
 
-    `model` is an nn.Module (traced in eval mode with `example_inputs`, a tensor or a tuple of
-    forward's positional arguments) or an ExportedProgram (whose own example inputs are used
-    when none are given). The batch axis stays dynamic where the model allows it, unless
-    `dynamic_batch` is False. Returns the folded GraphModule and the per-BN report.
+    `model` is an nn.Module (traced once in eval mode with `example_inputs`, a tensor or a
+    tuple of forward's positional arguments), an ExportedProgram (folded as it is; its own
+    example inputs are used when none are given) or an earlier FoldResult. The batch axis
+    stays dynamic where the model allows it, unless `dynamic_batch` is False.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(model, FoldResult):
+        example_inputs = example_inputs or model.example_inputs
+        model = model.program
+    warnings: list[str] = []
+    module_names: dict[str, str] = {}
     if isinstance(model, torch.export.ExportedProgram):
         program = model
-        if example_inputs is None:
-            stored = getattr(program, "example_inputs", None)
-            example_inputs = tuple(stored[0]) if stored else None
-        module_names: dict[str, str] = {}
+        example_inputs = example_inputs or _stored_example(program)
     else:
         if example_inputs is None:
             raise TypeError("fold() needs example_inputs for an nn.Module")
+        module_names = batchnorm_modules(model)
+        if in_training_mode(model) and not isinstance(model, fx.GraphModule):
+            warnings.append(TRAINING_MODE_WARNING)
         program = trace(model, tuple(example_inputs), dynamic_batch=dynamic_batch)
-        module_names = _batchnorm_modules(model)
-        training = [n or "<root>" for n, m in model.named_modules() if m.training]
-    gm = program.module()
-    report = fold_graph(gm, module_names)
-    if not isinstance(model, torch.export.ExportedProgram) and training:
-        report.warnings.insert(
-            0,
-            "the model was in training mode; it was folded from its eval-mode behaviour "
-            "(running statistics, dropout off), which is what the export computes",
-        )
-    return FoldResult(gm, report, tuple(example_inputs or ()))
+    folded, report = fold_program(program, module_names, copy_graph=program is model)
+    report.warnings[:0] = warnings
+    return FoldResult(folded, report, tuple(example_inputs or ()))

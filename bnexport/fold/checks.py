@@ -7,24 +7,25 @@ from torch import fx
 
 from bnexport.errors import InvalidModelError
 from bnexport.fold.math import bn_scale_shift
-from bnexport.fold.sites import BatchNormCall, fetch_attr
+from bnexport.fold.program_state import ProgramState
+from bnexport.fold.sites import BatchNormCall
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
-    return None if node is None else fetch_attr(gm, node.target)
+def _tensor(state: ProgramState, node: fx.Node | None) -> torch.Tensor | None:
+    return None if node is None else state.tensor(node)
 
 
-def check_batchnorm_state(bn: BatchNormCall, gm: fx.GraphModule) -> list[str]:
+def check_batchnorm_state(bn: BatchNormCall, state: ProgramState) -> list[str]:
     """Raise InvalidModelError on NaN/Inf or negative variance; return warnings otherwise."""
     if bn.uses_batch_stats:
         return []
     named = {
-        "running_mean": _tensor(gm, bn.running_mean),
-        "running_var": _tensor(gm, bn.running_var),
-        "weight": _tensor(gm, bn.weight),
-        "bias": _tensor(gm, bn.bias),
+        "running_mean": _tensor(state, bn.running_mean),
+        "running_var": _tensor(state, bn.running_var),
+        "weight": _tensor(state, bn.weight),
+        "bias": _tensor(state, bn.bias),
     }
     for what, value in named.items():
         if value is not None and not torch.isfinite(value).all():
@@ -42,7 +43,7 @@ def check_batchnorm_state(bn: BatchNormCall, gm: fx.GraphModule) -> list[str]:
         )
     warnings = []
     mean = named["running_mean"]
-    tracked = _num_batches_tracked(gm, bn)
+    tracked = _num_batches_tracked(state, bn)
     if tracked == 0 and bool((mean == 0).all()) and bool((var == 1).all()):
         warnings.append(
             f"{bn.name}: running statistics were never updated (mean 0, variance 1, "
@@ -59,11 +60,9 @@ def check_batchnorm_state(bn: BatchNormCall, gm: fx.GraphModule) -> list[str]:
     return warnings
 
 
-def _num_batches_tracked(gm: fx.GraphModule, bn: BatchNormCall) -> int | None:
-    if bn.running_mean is None or not bn.running_mean.target.endswith("running_mean"):
+def _num_batches_tracked(state: ProgramState, bn: BatchNormCall) -> int | None:
+    mean = state.target(bn.running_mean)
+    if mean is None or not mean.endswith("running_mean"):
         return None
-    target = bn.running_mean.target[: -len("running_mean")] + "num_batches_tracked"
-    try:
-        return int(fetch_attr(gm, target))
-    except (AttributeError, RuntimeError, TypeError, ValueError):
-        return None
+    value = state.value(mean[: -len("running_mean")] + "num_batches_tracked")
+    return None if value is None or value.numel() != 1 else int(value)

@@ -14,14 +14,38 @@ linear in its input with no zero padding, L(s * x + t) = L_{W * s}(x) + L_W(t):
 
     W'[:, i] = W[:, i] * s[c(i)],   b' = b + sum_i W[:, i] * t[c(i)]   (summed over kernel taps)
 
-All functions take and return float64 tensors; callers cast once to the layer's dtype.
+Where a weight keeps its channels is a `Layout`, so the same functions serve PyTorch's and
+ONNX's weight layouts. The weight functions take a block of rows (axis 0) so that a caller can
+fold a large weight a slice at a time; `start` is the block's first row and `rows` the full
+length of axis 0. All functions return float64; callers cast once to the weight's dtype.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a weight tensor holds its channels.
+
+    Axis 0 is split into `groups` equal blocks; axis 1 holds one group's channels of the other
+    side; further axes are kernel taps. `out_axis` (0 or 1) holds the output channels:
+
+        conv (C_out, C_in/g, *k) and linear / Gemm transB=1 (N, K):   out_axis 0
+        transposed conv (C_in, C_out/g, *k), MatMul / Gemm transB=0 (K, N):   out_axis 1
+    """
+
+    out_axis: int = 0
+    groups: int = 1
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
 
 
 def bn_scale_shift(
@@ -40,17 +64,81 @@ def bn_scale_shift(
     return s, beta - s * mean
 
 
-def _out_channel_view(scale: torch.Tensor, weight: torch.Tensor, transposed: bool, groups: int):
-    """Reshape a per-output-channel vector so it broadcasts against `weight`."""
-    if not transposed:
-        return scale.reshape((-1,) + (1,) * (weight.dim() - 1))
-    # ConvTranspose weight is (C_in, C_out / groups, *k); output channel o = g * C_out/g + j
-    # lives at rows of group g, column j.
-    c_in, c_out_g = weight.shape[0], weight.shape[1]
-    per_group = scale.reshape(groups, 1, c_out_g)
-    return per_group.expand(groups, c_in // groups, c_out_g).reshape(
-        (c_in, c_out_g) + (1,) * (weight.dim() - 2)
-    )
+def channel_grid(
+    v: torch.Tensor,
+    shape: tuple[int, ...],
+    axis: int,
+    layout: Layout,
+    start: int = 0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """`v` (one entry per channel of the side held on `axis`) laid out to broadcast against a
+    weight block of `shape` whose first row is row `start` of a weight with `rows` rows."""
+    count = shape[0]
+    tail = (1,) * (len(shape) - 2)
+    if axis == 0:
+        return v[start : start + count].reshape((count, 1, *tail))
+    rows = shape[0] if rows is None else rows
+    inner = shape[1]
+    per_group = rows // layout.groups
+    group = torch.div(torch.arange(start, start + count), per_group, rounding_mode="floor")
+    index = group[:, None] * inner + torch.arange(inner)[None, :]
+    return v[index].reshape((count, inner, *tail))
+
+
+def preceding_weight(
+    weight: torch.Tensor,
+    s: torch.Tensor,
+    layout: Layout,
+    start: int = 0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """W' = s * W along the output channels (s has one entry per output channel)."""
+    w = weight.detach().to(F64)
+    return w * channel_grid(s, tuple(w.shape), layout.out_axis, layout, start, rows)
+
+
+def preceding_bias(bias: torch.Tensor | None, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """b' = s * b + t (per output channel)."""
+    b = torch.zeros_like(s) if bias is None else bias.detach().to(F64)
+    return s * b + t
+
+
+def following_weight(
+    weight: torch.Tensor,
+    s: torch.Tensor,
+    layout: Layout,
+    start: int = 0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """W' = W * s along the input channels (s has one entry per input channel)."""
+    w = weight.detach().to(F64)
+    return w * channel_grid(s, tuple(w.shape), layout.in_axis, layout, start, rows)
+
+
+def following_bias_delta(
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    layout: Layout,
+    out_channels: int,
+    start: int = 0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """This block's share of W t: the output bias change from an input shift t.
+
+    Returns a full-length (out_channels) vector; the shares of all row blocks sum to W t.
+    Needs the output channels on axis 0, or a single group.
+    """
+    w = weight.detach().to(F64)
+    spread = w * channel_grid(t, tuple(w.shape), layout.in_axis, layout, start, rows)
+    delta = torch.zeros(out_channels, dtype=F64)
+    if layout.out_axis == 0:
+        delta[start : start + w.shape[0]] = spread.reshape(w.shape[0], -1).sum(dim=1)
+    elif layout.groups == 1:
+        delta += spread.transpose(0, 1).reshape(w.shape[1], -1).sum(dim=1)
+    else:
+        raise ValueError("a grouped weight with its output channels on axis 1 has no W t here")
+    return delta
 
 
 def fold_into_preceding(
@@ -58,19 +146,10 @@ def fold_into_preceding(
     bias: torch.Tensor | None,
     s: torch.Tensor,
     t: torch.Tensor,
-    *,
-    transposed: bool = False,
-    groups: int = 1,
+    layout: Layout = Layout(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold a per-output-channel affine (s, t) applied after a conv/linear layer.
-
-    `s` and `t` have one entry per output channel of the layer. `weight` is laid out as
-    PyTorch stores it: (C_out, C_in/groups, *k) for conv and linear, (C_in, C_out/groups, *k)
-    for transposed conv. Returns float64 (W', b').
-    """
-    w = weight.detach().to(F64)
-    b = torch.zeros_like(s) if bias is None else bias.detach().to(F64)
-    return w * _out_channel_view(s, w, transposed, groups), s * b + t
+    """Whole-weight fold of a per-output-channel affine (s, t) applied after the layer."""
+    return preceding_weight(weight, s, layout), preceding_bias(bias, s, t)
 
 
 def fold_into_following(
@@ -78,26 +157,10 @@ def fold_into_following(
     bias: torch.Tensor | None,
     s: torch.Tensor,
     t: torch.Tensor,
-    *,
-    groups: int = 1,
+    layout: Layout = Layout(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold a per-input-channel affine (s, t) applied before a conv (no zero padding) or linear.
-
-    `s` and `t` have one entry per input channel of the layer (C_in). `weight` is
-    (C_out, C_in/groups, *k). Returns float64 (W', b').
-    """
-    w = weight.detach().to(F64)
-    c_out, c_in_g = w.shape[0], w.shape[1]
-    out_per_group = c_out // groups
-    # Input channel seen by weight[o, j] is group(o) * C_in/groups + j.
-    s_rows = (
-        s.reshape(groups, 1, c_in_g).expand(groups, out_per_group, c_in_g).reshape(c_out, c_in_g)
-    )
-    t_rows = (
-        t.reshape(groups, 1, c_in_g).expand(groups, out_per_group, c_in_g).reshape(c_out, c_in_g)
-    )
-    tail = (1,) * (w.dim() - 2)
-    b = torch.zeros(c_out, dtype=F64) if bias is None else bias.detach().to(F64)
-    w_new = w * s_rows.reshape((c_out, c_in_g) + tail)
-    b_new = b + (w * t_rows.reshape((c_out, c_in_g) + tail)).reshape(c_out, -1).sum(dim=1)
-    return w_new, b_new
+    """Whole-weight fold of a per-input-channel affine (s, t) applied before the layer."""
+    w = weight.detach()
+    out_channels = w.shape[layout.out_axis] * (layout.groups if layout.out_axis == 1 else 1)
+    b = torch.zeros(out_channels, dtype=F64) if bias is None else bias.detach().to(F64)
+    return following_weight(w, s, layout), b + following_bias_delta(w, t, layout, out_channels)

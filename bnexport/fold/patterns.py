@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from bnexport.fold.channels import NotTransparent, Tracked, initial, is_transparent_op, step
+from bnexport.fold.program_state import ProgramState
 from bnexport.fold.sites import (
     BatchNormCall,
     LayerCall,
@@ -99,7 +100,7 @@ class FoldPlan:
     channel_of: np.ndarray
 
 
-def describe(node: fx.Node) -> str:
+def describe(node: fx.Node, state: ProgramState) -> str:
     """Name a node for a user: `relu_1 (a nonlinearity)`, `add_3 (an addition)`."""
     if node.op == "output":
         return "the model's output"
@@ -109,7 +110,7 @@ def describe(node: fx.Node) -> str:
     bn = match_batchnorm(node) if node.op == "call_function" else None
     if bn is not None:
         return f"BatchNorm {bn.name}"
-    layer = match_layer(node)
+    layer = match_layer(node, state)
     if layer is not None:
         return f"{layer.kind} layer {layer.name}"
     if op in _NONLINEAR:
@@ -119,7 +120,7 @@ def describe(node: fx.Node) -> str:
     return f"{node.name} ({op})"
 
 
-def _shared_param_reason(layer: LayerCall, gm: fx.GraphModule) -> str | None:
+def _shared_param_reason(layer: LayerCall) -> str | None:
     for param in (layer.weight, layer.bias):
         if param is None:
             continue
@@ -144,26 +145,33 @@ class IntoPreceding:
 
     direction = PRECEDING
 
-    def match_and_check(self, bn: BatchNormCall, gm: fx.GraphModule) -> FoldPlan | Refusal:
+    def match_and_check(self, bn: BatchNormCall, state: ProgramState) -> FoldPlan | Refusal:
         chain: list[fx.Node] = []
         node = bn.input
-        while node.op == "call_function" and is_transparent_op(node) and match_layer(node) is None:
+        while (
+            node.op == "call_function"
+            and is_transparent_op(node)
+            and match_layer(node, state) is None
+        ):
             chain.append(node)
             node = node.args[0]
-        layer = match_layer(node)
+        layer = match_layer(node, state)
         if layer is None:
             if is_layer_like(node):
                 return self._refuse(f"the weights of {node.name} are computed in forward")
-            return self._refuse(f"its input comes from {describe(node)}, not a conv or linear")
+            return self._refuse(
+                f"its input comes from {describe(node, state)}, not a conv or linear"
+            )
         chain.reverse()
         for producer in [node, *chain]:
             users = data_users(producer)
             if len(users) != 1:
                 other = next(u for u in users if u not in chain and u is not bn.op_node)
                 return self._refuse(
-                    f"the output of {describe(producer)} is also used by {describe(other)}"
+                    f"the output of {describe(producer, state)} is also used by "
+                    f"{describe(other, state)}"
                 )
-        reason = _shared_param_reason(layer, gm)
+        reason = _shared_param_reason(layer)
         if reason:
             return self._refuse(reason)
         out_channels = int(node.meta["val"].shape[layer.out_axis])
@@ -196,24 +204,24 @@ class IntoFollowing:
 
     direction = FOLLOWING
 
-    def match_and_check(self, bn: BatchNormCall, gm: fx.GraphModule) -> FoldPlan | Refusal:
+    def match_and_check(self, bn: BatchNormCall, state: ProgramState) -> FoldPlan | Refusal:
         chain: list[fx.Node] = []
         node = bn.node
         while True:
             users = data_users(node)
             if len(users) != 1:
-                others = ", ".join(describe(u) for u in users[:3])
+                others = ", ".join(describe(u, state) for u in users[:3])
                 return self._refuse(f"its output goes to several consumers ({others})")
             nxt = users[0]
             if not nxt.args or nxt.args[0] is not node:
-                return self._refuse(f"its output feeds {describe(nxt)}")
-            layer = match_layer(nxt)
+                return self._refuse(f"its output feeds {describe(nxt, state)}")
+            layer = match_layer(nxt, state)
             if layer is not None:
                 break
             if not is_transparent_op(nxt):
                 if is_layer_like(nxt):
                     return self._refuse(f"the weights of {nxt.name} are computed in forward")
-                return self._refuse(f"its output feeds {describe(nxt)}")
+                return self._refuse(f"its output feeds {describe(nxt, state)}")
             chain.append(nxt)
             node = nxt
         if layer.kind == "conv_transpose":
@@ -226,7 +234,7 @@ class IntoFollowing:
                 f"{layer.name} pads with zeros that do not pass through the BN, so folding "
                 "would change its border outputs"
             )
-        reason = _shared_param_reason(layer, gm)
+        reason = _shared_param_reason(layer)
         if reason:
             return self._refuse(reason)
         try:

@@ -1,8 +1,8 @@
 """Recognising BatchNorm calls and conv/linear layers in an ATen-level torch.fx graph.
 
-The graph is the one `torch.export` produces (`ExportedProgram.module()`): parameters are
-`get_attr` nodes and layers are `call_function` nodes on ATen ops. This module only reads
-the graph; it never changes it.
+The graph is an `ExportedProgram`'s own graph: parameters and buffers are placeholders that
+a `ProgramState` maps to their stored tensors, and layers are `call_function` nodes on ATen
+ops. This module only reads the graph; it never changes it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+
+from bnexport.fold.math import Layout
+from bnexport.fold.program_state import ProgramState
 
 aten = torch.ops.aten
 
@@ -26,13 +29,6 @@ def is_assertion(node: fx.Node) -> bool:
 def data_users(node: fx.Node) -> list[fx.Node]:
     """Users of `node` that consume its value (assertion nodes excluded)."""
     return [u for u in node.users if not is_assertion(u)]
-
-
-def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def module_scope(node: fx.Node) -> tuple[str, str]:
@@ -178,6 +174,11 @@ class LayerCall:
     def out_axis(self) -> int:
         return self.node.meta["val"].dim() - 1 if self.kind == "linear" else 1
 
+    @property
+    def layout(self) -> Layout:
+        """PyTorch's weight layout: (C_out, C_in/g, *k), transposed (C_in, C_out/g, *k)."""
+        return Layout(out_axis=1 if self.transposed else 0, groups=self.groups)
+
 
 def _padding_is_zero(padding, kernel: tuple[int, ...], dilation) -> bool:
     if isinstance(padding, str):
@@ -189,7 +190,7 @@ def _padding_is_zero(padding, kernel: tuple[int, ...], dilation) -> bool:
     return all(int(p) == 0 for p in pads)
 
 
-def match_layer(node: fx.Node) -> LayerCall | None:
+def match_layer(node: fx.Node, state: ProgramState) -> LayerCall | None:
     """Return the layer call at `node`, or None when it is not a conv/linear layer."""
     if node.op != "call_function":
         return None
@@ -218,9 +219,9 @@ def match_layer(node: fx.Node) -> LayerCall | None:
         return None
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     bias = _arg(node, 2, "bias", None)
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+    if state.target(weight) is None:
         return None
-    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
+    if bias is not None and state.target(bias) is None:
         return None
     return LayerCall(
         node=node,
@@ -229,7 +230,7 @@ def match_layer(node: fx.Node) -> LayerCall | None:
         bias=bias,
         groups=groups,
         zero_padded=zero_padded,
-        name=owner_name(weight.target),
+        name=owner_name(state.target(weight)),
     )
 
 

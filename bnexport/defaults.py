@@ -1,0 +1,17 @@
+"""Defaults shared by the command line and the library; importable without torch."""
+
+from __future__ import annotations
+
+DEFAULT_OPSET = 18
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-5
+DEFAULT_SAMPLES = 4
+
+# Verification batch sizes: a dynamic-batch export runs at both; the data set in DATA_BATCH.
+SMALL_BATCH = 1
+LARGE_BATCH = 8
+DATA_BATCH = 256
+
+# Above this many bytes of weights, the ONNX weights go to an external data file next to the
+# model: protobuf cannot serialize a message over 2 GiB, and the headroom covers the graph.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27

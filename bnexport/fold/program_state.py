@@ -1,0 +1,151 @@
+"""The stored tensors of a torch.export program, as the fold engine reads and rewrites them.
+
+In an `ExportedProgram` graph, parameters, buffers and constant tensors are placeholders named
+by the graph signature; their values live in `state_dict` / `constants`. `ProgramState` maps a
+placeholder to its target and tensor, records replaced and new tensors, drops placeholders no
+node uses any more, and builds the resulting program. It never changes a tensor in place and
+never touches the dicts of the program it started from, so the caller's model is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputKind,
+    OutputSpec,
+    TensorArgument,
+)
+
+_STORED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+class ProgramState:
+    """Read, replace, add and remove the tensors behind a program's stored placeholders."""
+
+    def __init__(self, program: torch.export.ExportedProgram, *, copy_graph: bool = True):
+        self.program = program
+        self.gm: fx.GraphModule = (
+            copy.deepcopy(program.graph_module) if copy_graph else program.graph_module
+        )
+        self.specs: dict[str, InputSpec] = {
+            s.arg.name: copy.copy(s) for s in program.graph_signature.input_specs
+        }
+        self.state_dict = dict(program.state_dict)
+        self.constants = dict(program.constants)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def target(self, node: object) -> str | None:
+        """The state name behind a stored placeholder (`conv.weight`), else None."""
+        if not isinstance(node, fx.Node) or node.op != "placeholder":
+            return None
+        spec = self.specs.get(node.name)
+        return spec.target if spec is not None and spec.kind in _STORED else None
+
+    def value(self, target: str) -> torch.Tensor | None:
+        if target in self.state_dict:
+            return self.state_dict[target]
+        value = self.constants.get(target)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def tensor(self, node: fx.Node) -> torch.Tensor:
+        value = self.value(self.target(node))
+        if value is None:
+            raise KeyError(node.name)
+        return value
+
+    def replace(self, target: str, value: torch.Tensor) -> None:
+        """Store `value` under `target`, keeping its kind (parameter, buffer or constant)."""
+        if target in self.state_dict:
+            old = self.state_dict[target]
+            if isinstance(old, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=False)
+            self.state_dict[target] = value
+        else:
+            self.constants[target] = value
+
+    def add_parameter(self, target_hint: str, value: torch.Tensor) -> fx.Node:
+        """A new parameter placeholder holding `value`, named after `target_hint` if free."""
+        target, k = target_hint, 1
+        while target in self.state_dict or target in self.constants:
+            target = f"{target_hint}_folded{'' if k == 1 else k}"
+            k += 1
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        params = [n for n in placeholders if self.specs[n.name].kind == InputKind.PARAMETER]
+        if params:
+            with self.graph.inserting_after(params[-1]):
+                node = self.graph.placeholder("p_" + target.replace(".", "_"))
+        else:
+            with self.graph.inserting_before(placeholders[0] if placeholders else None):
+                node = self.graph.placeholder("p_" + target.replace(".", "_"))
+        node.meta["val"] = self._fake(value)
+        self.specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target)
+        self.state_dict[target] = nn.Parameter(value, requires_grad=False)
+        return node
+
+    def _fake(self, value: torch.Tensor):
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        if mode is None:
+            return value.to("meta")
+        return mode.from_tensor(value, static_shapes=True)
+
+    def remove_unused(self) -> None:
+        """Drop stored placeholders that no node uses (and their tensors, if nothing else does)."""
+        mutated = {
+            s.target
+            for s in self.program.graph_signature.output_specs
+            if s.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION)
+        }
+        for node in list(self.graph.nodes):
+            target = self.target(node)
+            if target is None or node.users or target in mutated:
+                continue
+            self.graph.erase_node(node)
+            del self.specs[node.name]
+            if not any(s.target == target for s in self.specs.values()):
+                self.state_dict.pop(target, None)
+                self.constants.pop(target, None)
+
+    def _output_specs(self) -> list[OutputSpec]:
+        """The output specs, naming the nodes that produce the outputs now (a folded BN's
+        output is produced by its layer)."""
+        output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        values = output.args[0] if isinstance(output.args[0], (list, tuple)) else output.args
+        specs = []
+        for spec, value in zip(self.program.graph_signature.output_specs, values):
+            if isinstance(value, fx.Node) and isinstance(spec.arg, TensorArgument):
+                spec = OutputSpec(spec.kind, TensorArgument(value.name), spec.target)
+            specs.append(spec)
+        return specs
+
+    def build(self) -> torch.export.ExportedProgram:
+        """A program over the rewritten graph with the new signature and state."""
+        self.graph.lint()
+        self.gm.recompile()
+        order = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+        signature = ExportGraphSignature(
+            input_specs=[self.specs[name] for name in order],
+            output_specs=self._output_specs(),
+        )
+        return torch.export.ExportedProgram(
+            root=self.gm,
+            graph=self.graph,
+            graph_signature=signature,
+            state_dict=self.state_dict,
+            range_constraints=copy.deepcopy(self.program.range_constraints),
+            module_call_graph=copy.deepcopy(self.program.module_call_graph),
+            example_inputs=self.program.example_inputs,
+            constants=self.constants,
+            verifiers=self.program.verifiers,
+        )

@@ -1,0 +1,246 @@
+"""Rendering a run report: JSON, ONNX metadata, and text for people (rich tables on a
+terminal, plain aligned text when piped). The one place that formats numbers and reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bnexport.version import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from bnexport.report import FoldReport, RunReport
+    from bnexport.verify import VerifyResult
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+# --------------------------------------------------------------------------- data forms
+
+
+def fold_report_dict(report: FoldReport) -> dict[str, Any]:
+    """`total` = folded + len(left) + len(unused); `left` are the BNs the export still runs."""
+    return {
+        "total": report.total,
+        "folded": len(report.folded),
+        "left": [{"name": d.name, "reason": d.reason} for d in report.left],
+        "unused": [{"name": d.name, "reason": d.reason} for d in report.unused],
+        "layers": [asdict(d) for d in report.decisions],
+        "warnings": list(report.warnings),
+    }
+
+
+def verify_dict(v: VerifyResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "passed": v.passed,
+        "max_abs_err": v.max_abs_err,
+        "max_rel_err": v.max_rel_err,
+        "samples": v.samples,
+        "atol": v.atol,
+        "rtol": v.rtol,
+        "batch_sizes": v.batch_sizes,
+        "outputs": [
+            {
+                "name": o.name,
+                "max_abs_err": o.max_abs_err,
+                "max_rel_err": o.max_rel_err,
+                "scale": o.scale,
+                "argmax_agreement": o.argmax_agreement,
+            }
+            for o in v.outputs
+        ],
+    }
+    if v.accuracy is not None:
+        out["accuracy"] = {
+            "original": v.accuracy.reference,
+            "onnx": v.accuracy.onnx,
+            "n": v.accuracy.n,
+        }
+    if v.data_argmax_agreement is not None:
+        out["data_argmax_agreement"] = v.data_argmax_agreement
+    if v.data is not None:
+        out["data"] = {"path": v.data, "samples": v.data_size}
+    return out
+
+
+def run_report_dict(report: RunReport) -> dict[str, Any]:
+    """The JSON report (keys documented in README; new keys are added, never renamed)."""
+    out: dict[str, Any] = {
+        "command": report.command,
+        "model": report.model,
+        "output": report.output,
+        "bnexport_version": __version__,
+        "verdict": report.verdict,
+        "exit_code": report.exit_code,
+    }
+    if report.fold is not None:
+        fold = fold_report_dict(report.fold)
+        fold.pop("warnings")
+        out["batchnorm"] = fold
+    if report.onnx is not None:
+        o = report.onnx
+        out["onnx"] = {
+            "path": o.path,
+            "opset": o.opset,
+            "batchnorm_nodes": o.batchnorm_nodes,
+            "inputs": o.inputs,
+            "outputs": o.outputs,
+            "dynamic_batch": o.dynamic_batch,
+            "external_data": o.external_data,
+        }
+    if report.saved_program is not None:
+        out["saved_program"] = report.saved_program
+    verify = verify_dict(report.verify) if report.verify is not None else {"passed": False}
+    if report.verify_error:
+        verify["passed"] = False
+        verify["error"] = report.verify_error
+    out["verify"] = verify
+    out["warnings"] = list(report.warnings)
+    return out
+
+
+def run_report_json(report: RunReport) -> str:
+    return json.dumps(run_report_dict(report), indent=2) + "\n"
+
+
+def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, object]:
+    """ONNX metadata recording the tool version and every fold decision of `report`."""
+    meta: dict[str, object] = {"bnexport_version": __version__, **extra}
+    if report is not None:
+        meta["bnexport_folded"] = [
+            {"name": d.name, "into": d.into, "direction": d.direction} for d in report.folded
+        ]
+        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
+    return meta
+
+
+# --------------------------------------------------------------------------- text
+
+
+def fold_rows(report: FoldReport) -> list[tuple[str, str, str]]:
+    """(name, outcome, detail) per BN."""
+    rows = []
+    for d in report.decisions:
+        detail = f"into {d.direction} {d.into}" if d.folded else (d.reason or "")
+        rows.append((d.name, d.status, detail))
+    return rows
+
+
+def fold_summary(report: FoldReport) -> str:
+    """One line, counting exactly what the JSON counts."""
+    line = (
+        f"BatchNorm: {report.called} before, {len(report.left)} after ({len(report.folded)} folded)"
+    )
+    if report.unused:
+        line += f"; {len(report.unused)} never called by forward"
+    return line
+
+
+def _plain_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [f"{str(c):<{w}}" for c, w in zip(row, widths)] + [str(row[-1])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def fold_report_text(report: FoldReport) -> str:
+    lines = [_plain_table(("BatchNorm", "outcome", "detail"), fold_rows(report))]
+    lines.append(fold_summary(report))
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def _verify_rows(v: VerifyResult) -> list[tuple[str, ...]]:
+    rows = []
+    for o in v.outputs:
+        agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}"
+        rows.append((o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.scale), agree))
+    return rows
+
+
+_VERIFY_HEADER = ("output", "max abs err", "max rel err", "scale", "argmax agree")
+
+
+def _table(console: Console, title: str, header: tuple[str, ...], rows, *, fold_wide=False):
+    if not console.is_terminal:
+        console.print(title, markup=False)
+        console.print(_plain_table(header, rows), markup=False)
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in header:
+        table.add_column(col, overflow="fold" if fold_wide else "ellipsis")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def render_run(report: RunReport, console: Console) -> None:
+    """Print the per-BN table, the ONNX summary and the verification verdict."""
+    if report.fold is not None:
+        _table(
+            console,
+            f"BatchNorm layers of {report.model}",
+            ("BatchNorm", "outcome", "detail"),
+            fold_rows(report.fold),
+            fold_wide=True,
+        )
+        console.print(fold_summary(report.fold), markup=False)
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", markup=False)
+    if report.onnx is not None:
+        o = report.onnx
+        verb = "wrote" if report.command == "fold" else "checked"
+        data = f" + {', '.join(o.external_data)}" if o.external_data else ""
+        console.print(
+            f"ONNX: {verb} {o.path}{data} (opset {o.opset}, "
+            f"{'dynamic' if o.dynamic_batch else 'static'} batch, "
+            f"{o.batchnorm_nodes} BatchNormalization node{'' if o.batchnorm_nodes == 1 else 's'})",
+            markup=False,
+        )
+    if report.saved_program is not None:
+        console.print(f"folded program: wrote {report.saved_program}", markup=False)
+    if report.verify_error:
+        console.print(
+            f"verify: FAIL - the comparison could not run on the model's inputs: "
+            f"{report.verify_error}",
+            markup=False,
+        )
+        return
+    v = report.verify
+    _table(
+        console, "Verification (onnxruntime vs eval-mode PyTorch)", _VERIFY_HEADER, _verify_rows(v)
+    )
+    if v.data is not None:
+        console.print(
+            f"verified on {v.data_size} samples from {v.data} and on random inputs", markup=False
+        )
+    if v.accuracy is not None:
+        console.print(
+            f"accuracy on {v.accuracy.n} labelled samples: original {v.accuracy.reference:.2%}, "
+            f"ONNX {v.accuracy.onnx:.2%}; argmax agreement {v.data_argmax_agreement:.2%}",
+            markup=False,
+        )
+    verdict = "PASS" if v.passed else "FAIL"
+    console.print(
+        f"verify: {verdict} ({v.samples} batch{'es' if v.samples != 1 else ''}, "
+        f"batch sizes {sorted(set(v.batch_sizes))}, "
+        f"max abs err {fmt(v.max_abs_err)}, max rel err {fmt(v.max_rel_err)}; "
+        f"tolerance atol {v.atol:g} + rtol {v.rtol:g} x scale)",
+        markup=False,
+    )
+
+
+def write_json(report: RunReport, path: str | Path) -> None:
+    from bnexport.files import write_text_atomic
+
+    write_text_atomic(Path(path), run_report_json(report))

@@ -1,0 +1,242 @@
+"""The jobs behind the CLI commands, as short compositions of the stages:
+
+    fold:    load -> record reference -> fold -> export -> (save program) -> verify -> report
+    verify:  load -> describe ONNX -> verify -> report
+
+The reference outputs are recorded from the eval-mode original before the fold, so the fold
+can rewrite the one traced program in place and the original need not stay in memory. Every
+check that can refuse the run happens before the first file is written, so a run that ends in
+a BadInputError leaves the file system as it found it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bnexport.defaults import (
+    DEFAULT_ATOL,
+    DEFAULT_OPSET,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+    EXTERNAL_DATA_THRESHOLD,
+)
+from bnexport.errors import BadInputError, summarize_exception
+from bnexport.report import RunReport
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunOptions:
+    """Options of `fold` and `verify` (the CLI flags, as plain values)."""
+
+    model: Path
+    output: Path | None = None
+    input_shapes: list[str] = field(default_factory=list)
+    arch: str | None = None
+    opset: int = DEFAULT_OPSET
+    static_batch: bool = False
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    data: Path | None = None
+    samples: int = DEFAULT_SAMPLES
+    json_path: Path | None = None
+    save_folded: Path | None = None
+    trust_pickle: bool = False
+    external_data: bool | None = None  # None: only when the weights exceed the threshold
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def default_output(model: Path) -> Path:
+    model = Path(model)
+    return (
+        model.with_suffix(".onnx")
+        if model.suffix != ".onnx"
+        else model.with_name(model.name + ".folded.onnx")
+    )
+
+
+def companion_data(model: Path) -> Path | None:
+    """`MODEL_test.npz` next to MODEL: held-out data used when --data is not given."""
+    candidate = Path(model).with_name(Path(model).stem + "_test.npz")
+    return candidate if candidate.is_file() else None
+
+
+@dataclass
+class _Prepared:
+    source: object
+    specs: list
+    dataset: object
+    dynamic: bool
+    batches: list
+
+
+def _prepare(opts: RunOptions, progress: Progress) -> _Prepared:
+    from bnexport.inputs import load_npz, verification_batches
+    from bnexport.load import load_source
+
+    progress("loading model")
+    source = load_source(
+        opts.model,
+        arch=opts.arch,
+        trust_pickle=opts.trust_pickle,
+        input_shapes=opts.input_shapes,
+        static_batch=opts.static_batch,
+    )
+    specs = source.input_specs
+    data = opts.data if opts.data is not None else companion_data(opts.model)
+    dataset = load_npz(data, specs) if data is not None else None
+    dynamic = source.dynamic_batch
+    batches = verification_batches(specs, dynamic=dynamic, samples=opts.samples, dataset=dataset)
+    return _Prepared(source, specs, dataset, dynamic, batches)
+
+
+def _record(reference, batches, progress: Progress) -> list:
+    from bnexport.verify import record_reference
+
+    progress("running the original model")
+    try:
+        return record_reference(reference, batches)
+    except Exception as exc:  # noqa: BLE001 - the user's model failed on its own inputs
+        raise BadInputError(
+            f"The model itself fails in eval mode on the verification inputs "
+            f"({summarize_exception(exc)}), so no export can be checked. Check --input-shape "
+            "and --data, or run with --debug for the full traceback."
+        ) from exc
+
+
+def _verify(
+    reference, onnx_path: Path, prep: _Prepared, opts: RunOptions, report: RunReport, progress
+) -> None:
+    """Fill the report's verification (a comparison that cannot run is the verdict `not run`)."""
+    from bnexport.verify import OnnxRunner, compare, merge
+
+    progress("verifying with onnxruntime")
+    n_random = max(opts.samples, 1)
+    try:
+        runner = OnnxRunner(str(onnx_path))
+        tolerances = {"atol": opts.atol, "rtol": opts.rtol}
+        results = [compare(reference[:n_random], runner, prep.batches[:n_random], **tolerances)]
+        if prep.dataset is not None:
+            data = compare(
+                reference[n_random:],
+                runner,
+                prep.batches[n_random:],
+                labels=prep.dataset.labels,
+                **tolerances,
+            )
+            data.data, data.data_size = prep.dataset.path, prep.dataset.size
+            results.append(data)
+        report.verify = merge(results)
+    except Exception as exc:  # noqa: BLE001 - a run-time mismatch is a verification failure
+        report.verify_error = summarize_exception(exc)
+
+
+def _check_outputs(opts: RunOptions, paths: list[Path | None], inputs: list[Path]) -> None:
+    from bnexport.files import check_writable
+
+    for path in paths:
+        if path is not None:
+            check_writable(Path(path), inputs=inputs)
+
+
+def save_program(program, path: Path) -> None:
+    """Write a torch.export program atomically (`torch.export.load` reads it back)."""
+    import torch
+
+    from bnexport.files import write_atomic
+
+    write_atomic(path, lambda tmp: torch.export.save(program, tmp))
+
+
+def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
+    """Fold, export, verify; write the ONNX file (and the JSON report / folded program)."""
+    from bnexport.export import export_program
+    from bnexport.fold.torch_engine import fold_program
+    from bnexport.inputs import example_inputs
+    from bnexport.render import onnx_metadata, write_json
+
+    output = Path(opts.output or default_output(opts.model))
+    inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
+    if companion_data(opts.model) is not None:
+        inputs.append(companion_data(opts.model))
+    data_file = output.with_name(output.name + ".data")
+    _check_outputs(opts, [output, data_file, opts.json_path, opts.save_folded], inputs)
+    prep = _prepare(opts, progress)
+    source = prep.source
+    program = source.to_program(
+        example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
+    )
+    reference = _record(source.reference(), prep.batches, progress)
+    report = RunReport("fold", str(opts.model), str(output), warnings=list(source.warnings))
+    module_names = source.batchnorm_modules()
+    prep.source = source = None  # the traced program is all that is needed from here on
+
+    progress("folding BatchNorm layers")
+    folded, report.fold = fold_program(program, module_names, copy_graph=False)
+    del program
+    report.warnings += report.fold.warnings
+
+    progress("exporting to ONNX")
+    report.onnx = export_program(
+        folded,
+        output,
+        opset=opts.opset,
+        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        external_data=opts.external_data,
+        threshold=opts.external_data_threshold,
+    )
+    if opts.save_folded is not None:
+        save_program(folded, Path(opts.save_folded))
+        report.saved_program = str(opts.save_folded)
+    del folded
+    if prep.dynamic != (not opts.static_batch):
+        report.warnings.append(
+            f"the checkpoint fixes the batch size to {prep.batches[0][0].shape[0]}; the ONNX "
+            "file keeps that static batch"
+        )
+    _verify(reference, output, prep, opts, report, progress)
+    if opts.json_path is not None:
+        write_json(report, opts.json_path)
+    return report
+
+
+def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -> RunReport:
+    """Verify an existing ONNX file against the original model; write only the JSON report."""
+    from bnexport.export import describe_onnx
+    from bnexport.inputs import verification_batches
+    from bnexport.render import write_json
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInputError(f"The ONNX file '{onnx_path}' does not exist or is not a file.")
+    _check_outputs(opts, [opts.json_path], [Path(opts.model), onnx_path])
+    try:
+        info = describe_onnx(onnx_path)
+    except Exception as exc:  # noqa: BLE001
+        raise BadInputError(
+            f"'{onnx_path}' is not a readable ONNX model ({summarize_exception(exc)})."
+        ) from None
+    prep = _prepare(opts, progress)
+    if not info.dynamic_batch:
+        prep.dynamic = False
+        if info.batch_size and not opts.input_shapes:
+            prep.specs = [replace(s, shape=s.with_batch(info.batch_size)) for s in prep.specs]
+        prep.batches = verification_batches(
+            prep.specs, dynamic=False, samples=opts.samples, dataset=prep.dataset
+        )
+    info.dynamic_batch = info.dynamic_batch and prep.dynamic
+    reference = _record(prep.source.reference(), prep.batches, progress)
+    report = RunReport(
+        "verify", str(opts.model), str(onnx_path), onnx=info, warnings=list(prep.source.warnings)
+    )
+    _verify(reference, onnx_path, prep, opts, report, progress)
+    if opts.json_path is not None:
+        write_json(report, opts.json_path)
+    return report
