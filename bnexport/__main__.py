@@ -1,3 +1,3 @@
-from bnexport.cli import main
+from bnexport.cli import entry
 
-main(prog_name="bnexport")
+entry()

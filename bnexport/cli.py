@@ -10,6 +10,8 @@ Exit codes: 0 exported and verified; 1 exported but verification failed (file ke
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,5 +218,25 @@ def _run(job, debug: bool) -> None:
     raise SystemExit(report.exit_code)
 
 
+def entry() -> None:
+    """Console entry point: run the command, flush, and end the process at once.
+
+    Interpreter teardown after torch, onnx and onnxruntime have been used takes about a second
+    and does nothing for the user: every file has been written, closed and renamed by then.
+    """
+    try:
+        main(prog_name="bnexport")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

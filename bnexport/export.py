@@ -19,7 +19,6 @@ from bnexport.errors import ExportError, summarize_exception
 from bnexport.files import atomic_file_set
 
 if TYPE_CHECKING:
-    import onnx
     import torch
 
 
@@ -37,62 +36,60 @@ class OnnxInfo:
     batch_size: int | None = None  # the fixed batch of a static-batch file
 
 
-def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
-    """BatchNormalization nodes in the main graph and in every function and subgraph."""
-    import onnx
+def count_batchnorm_nodes(model) -> int:
+    """BatchNormalization nodes in the main graph, its subgraphs and every local function.
 
-    def in_graph(graph: onnx.GraphProto) -> int:
-        n = 0
-        for node in graph.node:
-            n += node.op_type == "BatchNormalization"
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    n += in_graph(attr.g)
-                n += sum(in_graph(g) for g in attr.graphs)
-        return n
+    `model` is an onnx_ir model or an onnx ModelProto.
+    """
+    from onnxscript import ir
 
-    total = in_graph(model.graph)
-    for fn in model.functions:
-        total += sum(node.op_type == "BatchNormalization" for node in fn.node)
-    return total
+    if not isinstance(model, ir.Model):
+        model = ir.serde.deserialize_model(model)
+    graphs = [model.graph, *model.functions.values()]
+    return sum(
+        node.op_type == "BatchNormalization"
+        for graph in graphs
+        for node in ir.traversal.RecursiveGraphIterator(graph)
+    )
 
 
-def _external_files(model: onnx.ModelProto) -> list[str]:
-    import onnx
+def _external_files(model) -> list[str]:
+    from onnxscript import ir
 
     files = []
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location" and entry.value not in files:
-                    files.append(entry.value)
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.location not in files:
+            files.append(tensor.location)
     return files
 
 
-def describe_onnx(path: str | Path) -> OnnxInfo:
-    """Read an ONNX file's opset, inputs, outputs, batch axis and BN count (weights not loaded).
+def describe_model(model, path: str | Path) -> OnnxInfo:
+    """What an onnx_ir model (saved at `path`) holds: opset, inputs, outputs, batch axis, BNs.
 
-    The batch axis is dynamic when axis 0 of every input is symbolic; otherwise the file
-    fixes the batch to the first input's axis 0.
+    The batch axis is dynamic when axis 0 of every input is symbolic (or unknown); otherwise
+    the model fixes the batch to the first fixed axis 0.
     """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    dims = [list(i.type.tensor_type.shape.dim) for i in model.graph.input]
-    batch_dims = [d[0] for d in dims if d]
-    dynamic = bool(batch_dims) and all(d.dim_param or not d.dim_value for d in batch_dims)
-    fixed = next((d.dim_value for d in batch_dims if d.dim_value > 0), None)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    batch_dims = [v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape)]
+    dynamic = bool(batch_dims) and all(not isinstance(d, int) for d in batch_dims)
+    fixed = next((d for d in batch_dims if isinstance(d, int)), None)
     return OnnxInfo(
         path=str(path),
-        opset=int(opset),
+        opset=int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))),
         batchnorm_nodes=count_batchnorm_nodes(model),
-        inputs=[i.name for i in model.graph.input],
-        outputs=[o.name for o in model.graph.output],
+        inputs=[v.name for v in model.graph.inputs],
+        outputs=[v.name for v in model.graph.outputs],
         dynamic_batch=dynamic,
         external_data=_external_files(model) or None,
         batch_size=None if dynamic else fixed,
     )
+
+
+def describe_onnx(path: str | Path) -> OnnxInfo:
+    """Read an ONNX file's description (external weights are not loaded)."""
+    from onnxscript import ir
+
+    return describe_model(ir.load(str(path)), path)
 
 
 def to_onnx_program(program: torch.export.ExportedProgram, *, opset: int = DEFAULT_OPSET):
@@ -158,7 +155,10 @@ def save_onnx_model(
                 f"The exported ONNX model fails onnx.checker ({summarize_exception(exc)}); "
                 "nothing was written. Try another --opset; run with --debug for details."
             ) from exc
-    return describe_onnx(path)
+    info = describe_model(model, path)
+    if external:
+        info.external_data = [f"{path.name}.data"]
+    return info
 
 
 def export_program(

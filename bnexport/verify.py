@@ -113,7 +113,7 @@ def run_reference(reference: Callable, batch) -> Outputs:
 
     items = batch if isinstance(batch, (tuple, list)) else (batch,)
     args = tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in items)
-    with torch.no_grad():
+    with torch.inference_mode():
         if isinstance(reference, torch.nn.Module):
             with eval_mode(reference):
                 return as_outputs(reference(*args))
