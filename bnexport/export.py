@@ -119,6 +119,17 @@ def initializer_bytes(model) -> int:
     return total
 
 
+def release_weights(model) -> None:
+    """Drop an onnx_ir model's references to its weight tensors, once it has been written.
+
+    The ONNX rewriter keeps the last graph it matched in module-level rule objects, so the
+    model's graph outlives it; without this the (folded) weights would stay in memory while
+    onnxruntime loads its own copy for verification.
+    """
+    for value in model.graph.initializers.values():
+        value.const_value = None
+
+
 def save_onnx_model(
     model,
     path: str | Path,

@@ -11,6 +11,7 @@ a BadInputError leaves the file system as it found it.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,10 +98,10 @@ def _prepare(opts: RunOptions, progress: Progress) -> _Prepared:
     return _Prepared(source, specs, dataset, dynamic, batches)
 
 
-def _record(reference, batches, progress: Progress) -> list:
+def _record(reference, batches) -> list:
+    """The reference's outputs on every batch (a model that fails on them is bad input)."""
     from bnexport.verify import record_reference
 
-    progress("running the original model")
     try:
         return record_reference(reference, batches)
     except Exception as exc:  # noqa: BLE001 - the user's model failed on its own inputs
@@ -157,7 +158,7 @@ def save_program(program, path: Path) -> None:
 
 def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     """Fold, export, verify; write the ONNX file (and the JSON report / folded program)."""
-    from bnexport.export import export_program
+    from bnexport.export import release_weights, save_onnx_model, to_onnx_program
     from bnexport.fold.torch_engine import fold_program
     from bnexport.inputs import example_inputs
     from bnexport.render import onnx_metadata, write_json
@@ -173,29 +174,37 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
-    reference = _record(source.reference(), prep.batches, progress)
+    progress("running the original model")
+    reference = _record(source.reference(), prep.batches)
     report = RunReport("fold", str(opts.model), str(output), warnings=list(source.warnings))
     module_names = source.batchnorm_modules()
-    prep.source = source = None  # the traced program is all that is needed from here on
+    # From here on the traced program is all this run holds of the model: it is folded in
+    # place, and each stage's leftovers are freed before the next stage allocates.
+    prep.source = source = None
+    gc.collect()
 
     progress("folding BatchNorm layers")
-    folded, report.fold = fold_program(program, module_names, copy_graph=False)
+    folded, report.fold = fold_program(program, module_names, copy_graph=False, in_place=True)
     del program
+    gc.collect()
     report.warnings += report.fold.warnings
 
     progress("exporting to ONNX")
-    report.onnx = export_program(
-        folded,
+    onnx_program = to_onnx_program(folded, opset=opts.opset)
+    report.onnx = save_onnx_model(
+        onnx_program.model,
         output,
-        opset=opts.opset,
         metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
         external_data=opts.external_data,
         threshold=opts.external_data_threshold,
     )
+    release_weights(onnx_program.model)
+    del onnx_program
     if opts.save_folded is not None:
         save_program(folded, Path(opts.save_folded))
         report.saved_program = str(opts.save_folded)
     del folded
+    gc.collect()
     if prep.dynamic != (not opts.static_batch):
         report.warnings.append(
             f"the checkpoint fixes the batch size to {prep.batches[0][0].shape[0]}; the ONNX "
@@ -232,7 +241,8 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
             prep.specs, dynamic=False, samples=opts.samples, dataset=prep.dataset
         )
     info.dynamic_batch = info.dynamic_batch and prep.dynamic
-    reference = _record(prep.source.reference(), prep.batches, progress)
+    progress("running the original model")
+    reference = _record(prep.source.reference(), prep.batches)
     report = RunReport(
         "verify", str(opts.model), str(onnx_path), onnx=info, warnings=list(prep.source.warnings)
     )

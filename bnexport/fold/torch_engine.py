@@ -92,8 +92,22 @@ def _rewire(plan: FoldPlan, state: ProgramState, pending: dict[str, _LayerFolds]
             state.graph.erase_node(node)
 
 
-def _fold_layer(folds: _LayerFolds, state: ProgramState) -> None:
-    """Apply every queued affine to one layer's weight and bias, a block of rows at a time."""
+def _storage_shared(weight: torch.Tensor, state: ProgramState, target: str) -> bool:
+    """Whether another stored tensor views the same memory (tied weights)."""
+    ptr = weight.untyped_storage().data_ptr()
+    stored = [*state.state_dict.items(), *state.constants.items()]
+    return any(
+        name != target and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
+        for name, t in stored
+    )
+
+
+def _fold_layer(folds: _LayerFolds, state: ProgramState, *, in_place: bool) -> None:
+    """Apply every queued affine to one layer's weight and bias, a block of rows at a time.
+
+    `in_place` writes the folded rows back into the weight tensor itself (only for a program
+    the caller owns outright), so the peak memory is the weights plus one float64 block.
+    """
     w_target = state.target(folds.layer.weight)
     weight = state.value(w_target)
     bias = state.value(folds.bias_target)
@@ -102,7 +116,8 @@ def _fold_layer(folds: _LayerFolds, state: ProgramState) -> None:
     out_channels = bias.shape[0]
     row_bytes = max(weight[0].numel(), 1) * 8
     step = max(1, BLOCK_BYTES // row_bytes)
-    new_weight = torch.empty_like(weight, requires_grad=False)
+    in_place = in_place and not _storage_shared(weight, state, w_target)
+    new_weight = weight if in_place else torch.empty_like(weight, requires_grad=False)
     deltas = [torch.zeros(out_channels, dtype=F64) for _ in folds.affines]
     with torch.no_grad():
         for start in range(0, rows, step):
@@ -123,7 +138,8 @@ def _fold_layer(folds: _LayerFolds, state: ProgramState) -> None:
                 if affine.direction == PRECEDING
                 else b + delta
             )
-    state.replace(w_target, new_weight)
+    if not in_place:
+        state.replace(w_target, new_weight)
     state.replace(folds.bias_target, b.to(bias.dtype))
 
 
@@ -165,14 +181,17 @@ def fold_program(
     module_names: dict[str, str] | None = None,
     *,
     copy_graph: bool = True,
+    in_place: bool = False,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every BN call of `program` that folds exactly; report every BN.
 
     Returns the folded program and the report. `module_names` maps qualified names of the
     BatchNorm modules of the original model to their class names, so that modules never
     called by forward are reported too. With `copy_graph=False` the input program's graph
-    module is rewritten in place (cheaper; its state dicts are still left alone), and the
-    input program must not be used afterwards.
+    module is rewritten (cheaper), and with `in_place=True` its weight tensors too (for a
+    program that nothing else shares, such as one loaded from a file for this run); either
+    way the input program must not be used afterwards. By default nothing of the input
+    program, its graph or its tensors changes.
     """
     state = ProgramState(program, copy_graph=copy_graph)
     calls = batchnorm_calls(state.graph)
@@ -206,7 +225,7 @@ def fold_program(
                 )
             )
     for folds in pending.values():
-        _fold_layer(folds, state)
+        _fold_layer(folds, state, in_place=in_place)
     state.remove_unused()
     called = {c.name for c in calls}
     for name, cls in (module_names or {}).items():
