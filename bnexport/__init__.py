@@ -13,8 +13,6 @@ Python API (each name is imported on first use, so `import bnexport` stays cheap
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from bnexport.version import __version__
 
@@ -26,7 +24,8 @@ _PUBLIC = {
     "FoldDecision": "bnexport.report",
     "FoldReport": "bnexport.report",
     "RunReport": "bnexport.report",
-    "FoldResult": "bnexport.fold",
+    "FoldResult": "bnexport.folding",
+    "fold": "bnexport.folding",
     "OnnxInfo": "bnexport.export",
     "export_onnx": "bnexport.export",
     "export_program": "bnexport.export",
@@ -40,7 +39,7 @@ _PUBLIC = {
     "run_verify": "bnexport.runs",
 }
 
-__all__ = ["__version__", "fold", *sorted(_PUBLIC)]
+__all__ = ["__version__", *sorted(_PUBLIC)]
 
 
 def __getattr__(name: str):
@@ -53,21 +52,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`bnexport.fold` is the fold function, also after the `bnexport.fold` subpackage has
-    been imported (the import system would otherwise rebind the name to the subpackage)."""
-
-    @property
-    def fold(self):
-        from bnexport.fold import fold as fold_function
-
-        return fold_function
-
-    @fold.setter
-    def fold(self, _subpackage) -> None:
-        pass  # the subpackage stays reachable through sys.modules and `import bnexport.fold.x`
-
-
-sys.modules[__name__].__class__ = _Package

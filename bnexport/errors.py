@@ -5,6 +5,8 @@ Importable without torch, so that the command line starts fast.
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -32,6 +34,9 @@ class ExportError(BnexportError):
     """torch.onnx could not export the model, or the result failed onnx.checker."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def summarize_exception(exc: BaseException | None, limit: int = 300) -> str:
     """`Type: first line of the message` (or `Type (no message)`), at most `limit` characters.
 
@@ -39,7 +44,8 @@ def summarize_exception(exc: BaseException | None, limit: int = 300) -> str:
     """
     if exc is None:
         return "unknown error"
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = _ANSI.sub("", str(exc))
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     name = type(exc).__name__
     if not lines:
         return f"{name} (no message)"

@@ -159,7 +159,7 @@ def save_program(program, path: Path) -> None:
 def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     """Fold, export, verify; write the ONNX file (and the JSON report / folded program)."""
     from bnexport.export import release_weights, save_onnx_model, to_onnx_program
-    from bnexport.fold.torch_engine import fold_program
+    from bnexport.folding.torch_engine import fold_program
     from bnexport.inputs import example_inputs
     from bnexport.render import onnx_metadata, write_json
 

@@ -133,3 +133,51 @@ def small_net() -> SmallNet:
 
 def not_a_module() -> int:
     return 42
+
+
+class AssertsOutsideExport(SmallNet):
+    """Traces fine, then fails with a bare `assert` (an exception with no message) when run."""
+
+    def forward(self, x):
+        if not torch.compiler.is_exporting():
+            assert False  # noqa: B011 - the point: an AssertionError without a message
+        return super().forward(x)
+
+
+def asserts_outside_export() -> AssertsOutsideExport:
+    return AssertsOutsideExport()
+
+
+@torch.library.custom_op("bnexport_tests::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    """An op torch.export traces but torch.onnx cannot translate."""
+    return x * 2
+
+
+@twice.register_fake
+def _twice_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class NotExportableToOnnx(SmallNet):
+    def forward(self, x):
+        return twice(super().forward(x))
+
+
+def not_exportable_to_onnx() -> NotExportableToOnnx:
+    return NotExportableToOnnx()
+
+
+class WithUnusedBatchNorm(nn.Module):
+    """One BN folds, one stays (before a zero-padded conv), one is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_bn = nn.BatchNorm2d(1)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.spare_bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(self.input_bn(x)))).flatten(1))

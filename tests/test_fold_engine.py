@@ -11,7 +11,7 @@ from torch import nn
 
 from bnexport import fold
 from bnexport.errors import InvalidModelError
-from bnexport.fold.sites import match_batchnorm
+from bnexport.folding.sites import match_batchnorm
 from tests.nets import randomize_bn
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnexport import fold
-from bnexport.fold.sites import match_batchnorm
+from bnexport.folding.sites import match_batchnorm
 from tests.nets import build_from_spec, randomize_bn
 
 

@@ -6,9 +6,9 @@ import torch
 from torch import fx
 
 from bnexport.errors import InvalidModelError
-from bnexport.fold.math import bn_scale_shift
-from bnexport.fold.program_state import ProgramState
-from bnexport.fold.sites import BatchNormCall
+from bnexport.folding.math import bn_scale_shift
+from bnexport.folding.program_state import ProgramState
+from bnexport.folding.sites import BatchNormCall
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import fx
 
-from bnexport.fold.channels import NotTransparent, Tracked, initial, is_transparent_op, step
-from bnexport.fold.program_state import ProgramState
-from bnexport.fold.sites import (
+from bnexport.folding.channels import NotTransparent, Tracked, initial, is_transparent_op, step
+from bnexport.folding.program_state import ProgramState
+from bnexport.folding.sites import (
     BatchNormCall,
     LayerCall,
     data_users,

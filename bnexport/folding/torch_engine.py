@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from bnexport.fold.checks import check_batchnorm_state
-from bnexport.fold.math import (
+from bnexport.folding.checks import check_batchnorm_state
+from bnexport.folding.math import (
     F64,
     bn_scale_shift,
     following_bias_delta,
@@ -25,9 +25,9 @@ from bnexport.fold.math import (
     preceding_bias,
     preceding_weight,
 )
-from bnexport.fold.patterns import PATTERNS, PRECEDING, FoldPlan, Refusal
-from bnexport.fold.program_state import ProgramState
-from bnexport.fold.sites import BatchNormCall, LayerCall, match_batchnorm
+from bnexport.folding.patterns import PATTERNS, PRECEDING, FoldPlan, Refusal
+from bnexport.folding.program_state import ProgramState
+from bnexport.folding.sites import BatchNormCall, LayerCall, match_batchnorm
 from bnexport.report import FOLDED, LEFT, UNUSED, FoldDecision, FoldReport
 
 BLOCK_BYTES = 64 * 2**20  # float64 working copy of one block of weight rows

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from bnexport.fold.torch_engine import fold_program
+from bnexport.folding.torch_engine import fold_program
 from bnexport.report import FoldReport
 from bnexport.trace import TRAINING_MODE_WARNING, batchnorm_modules, in_training_mode, trace
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from bnexport.fold.math import Layout
-from bnexport.fold.program_state import ProgramState
+from bnexport.folding.math import Layout
+from bnexport.folding.program_state import ProgramState
 
 aten = torch.ops.aten
 

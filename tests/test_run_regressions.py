@@ -1,0 +1,196 @@
+"""Regression tests for defects of the run pipeline, each at the level a user meets it."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bnexport import fold
+from bnexport.cli import main
+from bnexport.errors import summarize_exception
+from bnexport.export import export_onnx
+from tests.nets import SmallNet, WithUnusedBatchNorm, randomize_bn
+
+
+def _listing(directory):
+    """Every entry, hidden files and directories included."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def state_dict(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "sd.pt"
+    torch.save(randomize_bn(SmallNet()).eval().state_dict(), path)
+    return path
+
+
+# --------------------------------------------------------------------------- defect 1
+
+
+def test_summary_of_an_exception_without_message():
+    assert summarize_exception(AssertionError()) == "AssertionError (no message)"
+    assert summarize_exception(ValueError("\n\n  first\nsecond")) == "ValueError: first"
+    assert summarize_exception(RuntimeError("\x1b[96mcoloured\x1b[0m")) == "RuntimeError: coloured"
+
+
+def test_model_failing_with_empty_message_writes_nothing(tmp_path, state_dict):
+    """A bare `assert` in forward: exit 2, one paragraph naming it, no file left behind."""
+    before = _listing(tmp_path)
+    result = _invoke(
+        "fold",
+        state_dict,
+        "--arch",
+        "tests.nets:asserts_outside_export",
+        "--input-shape",
+        "2,1,8,8",
+        "-o",
+        tmp_path / "out.onnx",
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert result.exit_code == 2, result.output
+    assert "AssertionError (no message)" in result.output
+    assert "Traceback" not in result.output and "IndexError" not in result.output
+    assert _listing(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- defect 2
+
+
+def test_failing_export_leaves_no_folded_program_and_no_onnx(tmp_path, state_dict):
+    before = _listing(tmp_path)
+    result = _invoke(
+        "fold",
+        state_dict,
+        "--arch",
+        "tests.nets:not_exportable_to_onnx",
+        "--input-shape",
+        "2,1,8,8",
+        "-o",
+        tmp_path / "out.onnx",
+        "--save-folded",
+        tmp_path / "folded.pt2",
+    )
+    assert result.exit_code == 2, result.output
+    assert "torch.onnx.export failed" in result.output
+    assert _listing(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- defect 3
+
+
+def test_left_is_counted_one_way(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(WithUnusedBatchNorm()).eval()
+    torch.save(model, tmp_path / "whole.pt")
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = _invoke(
+        "fold",
+        tmp_path / "whole.pt",
+        "--trust-pickle",
+        "--input-shape",
+        "2,1,8,8",
+        "-o",
+        out,
+        "--json",
+        report,
+        "--samples",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    bn = json.loads(report.read_text())["batchnorm"]
+    assert [d["name"] for d in bn["left"]] == ["input_bn"]
+    assert [d["name"] for d in bn["unused"]] == ["spare_bn"]
+    assert bn["total"] == bn["folded"] + len(bn["left"]) + len(bn["unused"]) == 3
+    onnx_nodes = json.loads(report.read_text())["onnx"]["batchnorm_nodes"]
+    assert onnx_nodes == len(bn["left"])
+    assert f"BatchNorm: 2 before, {len(bn['left'])} after (1 folded)" in result.output
+    assert "1 never called by forward" in result.output
+
+
+# --------------------------------------------------------------------------- defect 4
+
+
+def test_folding_a_program_bnexport_wrote(tmp_path, state_dict):
+    first = _invoke(
+        "fold",
+        state_dict,
+        "--arch",
+        "tests.nets:small_net",
+        "--input-shape",
+        "2,1,8,8",
+        "-o",
+        tmp_path / "a.onnx",
+        "--save-folded",
+        tmp_path / "a.pt2",
+    )
+    assert first.exit_code == 0, first.output
+    second = _invoke(
+        "fold", tmp_path / "a.pt2", "-o", tmp_path / "b.onnx", "--json", tmp_path / "b.json"
+    )
+    assert second.exit_code == 0, second.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["onnx"]["dynamic_batch"] is True  # the saved program kept its dynamic batch
+    assert data["batchnorm"]["total"] == 0
+    keys = [p.key for p in onnx.load(str(tmp_path / "b.onnx")).metadata_props]
+    assert len(keys) == len(set(keys))
+
+
+def test_fold_accepts_its_own_results(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(SmallNet()).eval()
+    x = torch.randn(3, 1, 8, 8)
+    first = fold(model, x)
+    again = fold(first.module, x)  # the GraphModule of a program cannot change mode
+    assert "training mode" not in " ".join(again.report.warnings)
+    twice = fold(first)
+    for result in (again, twice):
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+    # exporting the same result twice sets, not duplicates, the metadata keys
+    for name in ("one.onnx", "two.onnx"):
+        export_onnx(first, tmp_path / name)
+        keys = [p.key for p in onnx.load(str(tmp_path / name)).metadata_props]
+        assert len(keys) == len(set(keys))
+
+
+def test_fold_leaves_a_program_untouched():
+    torch.manual_seed(0)
+    model = randomize_bn(SmallNet()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    program = torch.export.export(model, (x,))
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+    nodes = len(program.graph.nodes)
+    result = fold(program)
+    assert len(program.graph.nodes) == nodes
+    assert all(torch.equal(before[k], v) for k, v in program.state_dict.items())
+    torch.testing.assert_close(program.module()(x), result.module(x), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- defect 5
+
+
+def test_fold_and_verify_agree_on_the_batch_axis(tmp_path, state_dict):
+    args = ["--arch", "tests.nets:small_net", "--input-shape", "3,1,8,8", "--samples", "2"]
+    for static in (False, True):
+        extra = ["--static-batch"] if static else []
+        out, fold_json, verify_json = (tmp_path / f"{n}{static}" for n in ("m.onnx", "f", "v"))
+        r = _invoke("fold", state_dict, "-o", out, "--json", fold_json, *args, *extra)
+        assert r.exit_code == 0, r.output
+        r = _invoke("verify", state_dict, out, "--json", verify_json, *args)
+        assert r.exit_code == 0, r.output
+        folded = json.loads(fold_json.read_text())
+        verified = json.loads(verify_json.read_text())
+        assert folded["onnx"]["dynamic_batch"] is (not static)
+        assert verified["onnx"]["dynamic_batch"] is (not static)
+        sizes = set(verified["verify"]["batch_sizes"])
+        assert sizes == ({3} if static else {1, 8})
+        assert verified["verdict"] == folded["verdict"] == "passed"
