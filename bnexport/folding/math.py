@@ -86,34 +86,24 @@ def channel_grid(
     return v[index].reshape((count, inner, *tail))
 
 
-def preceding_weight(
+def scale_weight(
     weight: torch.Tensor,
-    s: torch.Tensor,
+    v: torch.Tensor,
+    axis: int,
     layout: Layout,
     start: int = 0,
     rows: int | None = None,
 ) -> torch.Tensor:
-    """W' = s * W along the output channels (s has one entry per output channel)."""
+    """W * v along the channels held on `axis`: `layout.out_axis` folds a following affine
+    (W' = s * W, into the preceding layer), `layout.in_axis` a preceding one (W' = W * s)."""
     w = weight.detach().to(F64)
-    return w * channel_grid(s, tuple(w.shape), layout.out_axis, layout, start, rows)
+    return w * channel_grid(v, tuple(w.shape), axis, layout, start, rows)
 
 
 def preceding_bias(bias: torch.Tensor | None, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """b' = s * b + t (per output channel)."""
     b = torch.zeros_like(s) if bias is None else bias.detach().to(F64)
     return s * b + t
-
-
-def following_weight(
-    weight: torch.Tensor,
-    s: torch.Tensor,
-    layout: Layout,
-    start: int = 0,
-    rows: int | None = None,
-) -> torch.Tensor:
-    """W' = W * s along the input channels (s has one entry per input channel)."""
-    w = weight.detach().to(F64)
-    return w * channel_grid(s, tuple(w.shape), layout.in_axis, layout, start, rows)
 
 
 def following_bias_delta(
@@ -149,7 +139,7 @@ def fold_into_preceding(
     layout: Layout = Layout(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-weight fold of a per-output-channel affine (s, t) applied after the layer."""
-    return preceding_weight(weight, s, layout), preceding_bias(bias, s, t)
+    return scale_weight(weight, s, layout.out_axis, layout), preceding_bias(bias, s, t)
 
 
 def fold_into_following(
@@ -163,4 +153,5 @@ def fold_into_following(
     w = weight.detach()
     out_channels = w.shape[layout.out_axis] * (layout.groups if layout.out_axis == 1 else 1)
     b = torch.zeros(out_channels, dtype=F64) if bias is None else bias.detach().to(F64)
-    return following_weight(w, s, layout), b + following_bias_delta(w, t, layout, out_channels)
+    w_new = scale_weight(w, s, layout.in_axis, layout)
+    return w_new, b + following_bias_delta(w, t, layout, out_channels)

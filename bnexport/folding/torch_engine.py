@@ -21,9 +21,8 @@ from bnexport.folding.math import (
     F64,
     bn_scale_shift,
     following_bias_delta,
-    following_weight,
     preceding_bias,
-    preceding_weight,
+    scale_weight,
 )
 from bnexport.folding.patterns import PATTERNS, PRECEDING, FoldPlan, Refusal
 from bnexport.folding.program_state import ProgramState
@@ -124,12 +123,12 @@ def _fold_layer(folds: _LayerFolds, state: ProgramState, *, in_place: bool) -> N
             block = weight[start : start + step].detach().to(F64)
             for k, affine in enumerate(folds.affines):
                 if affine.direction == PRECEDING:
-                    block = preceding_weight(block, affine.s, layout, start, rows)
+                    block = scale_weight(block, affine.s, layout.out_axis, layout, start, rows)
                 else:
                     deltas[k] += following_bias_delta(
                         block, affine.t, layout, out_channels, start, rows
                     )
-                    block = following_weight(block, affine.s, layout, start, rows)
+                    block = scale_weight(block, affine.s, layout.in_axis, layout, start, rows)
             new_weight[start : start + step] = block.to(weight.dtype)
         b = bias.detach().to(F64)
         for affine, delta in zip(folds.affines, deltas):
