@@ -1,4 +1,11 @@
-"""The field's baseline for the memory benchmark: torch.onnx.export of a checkpoint, unfolded."""
+"""The field's baseline: plain torch.onnx.export of a saved torch.export program, unfolded.
+
+    python benchmarks/plain_export.py CHECKPOINT.pt2 OUT.onnx
+
+The loaded program itself is exported (not `program.module()`, which would trace again), so
+both sides of a comparison start from the same saved program. A process of its own, so the
+benchmark can time it and measure its peak RSS like the `bnexport fold` command.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,7 @@ import torch
 def main(checkpoint: str, output: str) -> None:
     warnings.simplefilter("ignore")
     program = torch.export.load(checkpoint)
-    args = tuple(program.example_inputs[0])
-    dyn = tuple({0: torch.export.Dim.AUTO} for _ in args)
-    onnx_program = torch.onnx.export(
-        program.module(), args, dynamo=True, dynamic_shapes=dyn, verbose=False
-    )
-    onnx_program.save(output)
+    torch.onnx.export(program, (), dynamo=True, verbose=False).save(output)
 
 
 if __name__ == "__main__":

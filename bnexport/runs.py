@@ -28,6 +28,11 @@ from bnexport.report import RunReport
 
 Progress = Callable[[str], None]
 
+# Above this many bytes of weights, each stage's leftovers are garbage-collected before the next
+# stage allocates (graphs hold reference cycles, so the weights would otherwise linger); below
+# it the collection costs more time than the memory is worth.
+COLLECT_ABOVE_BYTES = 256 * 2**20
+
 
 @dataclass
 class RunOptions:
@@ -139,6 +144,16 @@ def _verify(
         report.verify_error = summarize_exception(exc)
 
 
+def _weight_bytes(program) -> int:
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
+
+
+def _collect(large: bool) -> None:
+    if large:
+        gc.collect()
+
+
 def _check_outputs(opts: RunOptions, paths: list[Path | None], inputs: list[Path]) -> None:
     from bnexport.files import check_writable
 
@@ -179,14 +194,16 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     report = RunReport("fold", str(opts.model), str(output), warnings=list(source.warnings))
     module_names = source.batchnorm_modules()
     # From here on the traced program is all this run holds of the model: it is folded in
-    # place, and each stage's leftovers are freed before the next stage allocates.
+    # place, and (for a large model) each stage's leftovers are freed before the next stage
+    # allocates.
     prep.source = source = None
-    gc.collect()
+    large = _weight_bytes(program) > COLLECT_ABOVE_BYTES
+    _collect(large)
 
     progress("folding BatchNorm layers")
     folded, report.fold = fold_program(program, module_names, copy_graph=False, in_place=True)
     del program
-    gc.collect()
+    _collect(large)
     report.warnings += report.fold.warnings
 
     progress("exporting to ONNX")
@@ -204,7 +221,7 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
         save_program(folded, Path(opts.save_folded))
         report.saved_program = str(opts.save_folded)
     del folded
-    gc.collect()
+    _collect(large)
     if prep.dynamic != (not opts.static_batch):
         report.warnings.append(
             f"the checkpoint fixes the batch size to {prep.batches[0][0].shape[0]}; the ONNX "

@@ -93,11 +93,17 @@ def scale_weight(
     layout: Layout,
     start: int = 0,
     rows: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W * v along the channels held on `axis`: `layout.out_axis` folds a following affine
-    (W' = s * W, into the preceding layer), `layout.in_axis` a preceding one (W' = W * s)."""
-    w = weight.detach().to(F64)
-    return w * channel_grid(v, tuple(w.shape), axis, layout, start, rows)
+    (W' = s * W, into the preceding layer), `layout.in_axis` a preceding one (W' = W * s).
+
+    `out`, a tensor of the weight's shape (it may be `weight` itself), receives the result
+    when given: each element is computed in float64 and rounded once to `out`'s dtype."""
+    # float64 grid times a lower-precision weight promotes to float64 exactly, in one pass
+    w = weight.detach()
+    grid = channel_grid(v.to(F64), tuple(w.shape), axis, layout, start, rows)
+    return torch.mul(w, grid) if out is None else torch.mul(w, grid, out=out)
 
 
 def preceding_bias(bias: torch.Tensor | None, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,8 +125,8 @@ def following_bias_delta(
     Returns a full-length (out_channels) vector; the shares of all row blocks sum to W t.
     Needs the output channels on axis 0, or a single group.
     """
-    w = weight.detach().to(F64)
-    spread = w * channel_grid(t, tuple(w.shape), layout.in_axis, layout, start, rows)
+    w = weight.detach()
+    spread = w * channel_grid(t.to(F64), tuple(w.shape), layout.in_axis, layout, start, rows)
     delta = torch.zeros(out_channels, dtype=F64)
     if layout.out_axis == 0:
         delta[start : start + w.shape[0]] = spread.reshape(w.shape[0], -1).sum(dim=1)

@@ -38,6 +38,9 @@ class ProgramState:
         }
         self.state_dict = dict(program.state_dict)
         self.constants = dict(program.constants)
+        self._fake_mode = None
+        self._last_parameter: fx.Node | None = None
+        self._storage_users: dict[int, int] | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -78,27 +81,45 @@ class ProgramState:
         while target in self.state_dict or target in self.constants:
             target = f"{target_hint}_folded{'' if k == 1 else k}"
             k += 1
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        params = [n for n in placeholders if self.specs[n.name].kind == InputKind.PARAMETER]
-        if params:
-            with self.graph.inserting_after(params[-1]):
-                node = self.graph.placeholder("p_" + target.replace(".", "_"))
+        if self._last_parameter is None:
+            placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+            params = [n for n in placeholders if self.specs[n.name].kind == InputKind.PARAMETER]
+            anchor = params[-1] if params else None
+            first = placeholders[0] if placeholders else None
         else:
-            with self.graph.inserting_before(placeholders[0] if placeholders else None):
-                node = self.graph.placeholder("p_" + target.replace(".", "_"))
+            anchor, first = self._last_parameter, None
+        insert = (
+            self.graph.inserting_after(anchor) if anchor else self.graph.inserting_before(first)
+        )
+        with insert:
+            node = self.graph.placeholder("p_" + target.replace(".", "_"))
+        self._last_parameter = node
         node.meta["val"] = self._fake(value)
         self.specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target)
         self.state_dict[target] = nn.Parameter(value, requires_grad=False)
         return node
 
     def _fake(self, value: torch.Tensor):
-        from torch._guards import detect_fake_mode
+        """A fake tensor for a new placeholder's metadata, in the program's own fake mode."""
+        if self._fake_mode is None:
+            from torch._guards import detect_fake_mode
 
-        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
-        mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-        if mode is None:
+            vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+            self._fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        if self._fake_mode is None:
             return value.to("meta")
-        return mode.from_tensor(value, static_shapes=True)
+        return self._fake_mode.from_tensor(value, static_shapes=True)
+
+    def shares_memory(self, target: str) -> bool:
+        """Whether another stored tensor views the same memory as `target` (tied weights)."""
+        if self._storage_users is None:
+            self._storage_users = {}
+            for value in [*self.state_dict.values(), *self.constants.values()]:
+                if isinstance(value, torch.Tensor):
+                    ptr = value.untyped_storage().data_ptr()
+                    self._storage_users[ptr] = self._storage_users.get(ptr, 0) + 1
+        ptr = self.value(target).untyped_storage().data_ptr()
+        return self._storage_users.get(ptr, 0) > 1
 
     def remove_unused(self) -> None:
         """Drop stored placeholders that no node uses (and their tensors, if nothing else does)."""
@@ -107,13 +128,17 @@ class ProgramState:
             for s in self.program.graph_signature.output_specs
             if s.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION)
         }
+        holders: dict[str, int] = {}
+        for spec in self.specs.values():
+            holders[spec.target] = holders.get(spec.target, 0) + 1
         for node in list(self.graph.nodes):
             target = self.target(node)
             if target is None or node.users or target in mutated:
                 continue
             self.graph.erase_node(node)
             del self.specs[node.name]
-            if not any(s.target == target for s in self.specs.values()):
+            holders[target] -= 1
+            if not holders[target]:
                 self.state_dict.pop(target, None)
                 self.constants.pop(target, None)
 

@@ -91,17 +91,22 @@ def _rewire(plan: FoldPlan, state: ProgramState, pending: dict[str, _LayerFolds]
             state.graph.erase_node(node)
 
 
-def _storage_shared(weight: torch.Tensor, state: ProgramState, target: str) -> bool:
-    """Whether another stored tensor views the same memory (tied weights)."""
-    ptr = weight.untyped_storage().data_ptr()
-    stored = [*state.state_dict.items(), *state.constants.items()]
-    return any(
-        name != target and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
-        for name, t in stored
-    )
+class _Workspace:
+    """One float64 buffer reused for every block of every layer (fresh memory for each block
+    would cost a page fault per page, more than the arithmetic itself)."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0, dtype=F64)
+
+    def like(self, block: torch.Tensor) -> torch.Tensor:
+        if self.buffer.numel() < block.numel():
+            self.buffer = torch.empty(block.numel(), dtype=F64)
+        return self.buffer[: block.numel()].view(block.shape)
 
 
-def _fold_layer(folds: _LayerFolds, state: ProgramState, *, in_place: bool) -> None:
+def _fold_layer(
+    folds: _LayerFolds, state: ProgramState, workspace: _Workspace, *, in_place: bool
+) -> None:
     """Apply every queued affine to one layer's weight and bias, a block of rows at a time.
 
     `in_place` writes the folded rows back into the weight tensor itself (only for a program
@@ -115,21 +120,27 @@ def _fold_layer(folds: _LayerFolds, state: ProgramState, *, in_place: bool) -> N
     out_channels = bias.shape[0]
     row_bytes = max(weight[0].numel(), 1) * 8
     step = max(1, BLOCK_BYTES // row_bytes)
-    in_place = in_place and not _storage_shared(weight, state, w_target)
+    in_place = in_place and not state.shares_memory(w_target)
     new_weight = weight if in_place else torch.empty_like(weight, requires_grad=False)
     deltas = [torch.zeros(out_channels, dtype=F64) for _ in folds.affines]
     with torch.no_grad():
         for start in range(0, rows, step):
-            block = weight[start : start + step].detach().to(F64)
+            block = weight[start : start + step].detach()  # promoted to float64 by the math
+            target = new_weight[start : start + step]
+            # one affine: computed in float64 and cast straight into the weight; several: kept
+            # in float64 between them, then cast once
+            last = len(folds.affines) - 1
+            out = target if last == 0 else workspace.like(block)
             for k, affine in enumerate(folds.affines):
-                if affine.direction == PRECEDING:
-                    block = scale_weight(block, affine.s, layout.out_axis, layout, start, rows)
-                else:
+                axis = layout.out_axis
+                if affine.direction != PRECEDING:
+                    axis = layout.in_axis
                     deltas[k] += following_bias_delta(
                         block, affine.t, layout, out_channels, start, rows
                     )
-                    block = scale_weight(block, affine.s, layout.in_axis, layout, start, rows)
-            new_weight[start : start + step] = block.to(weight.dtype)
+                block = scale_weight(block, affine.s, axis, layout, start, rows, out=out)
+            if last > 0:
+                target.copy_(block)
         b = bias.detach().to(F64)
         for affine, delta in zip(folds.affines, deltas):
             b = (
@@ -223,8 +234,9 @@ def fold_program(
                     name=name, kind=call.kind, status=LEFT, reason=reason, channels=call.channels
                 )
             )
+    workspace = _Workspace()
     for folds in pending.values():
-        _fold_layer(folds, state, in_place=in_place)
+        _fold_layer(folds, state, workspace, in_place=in_place)
     state.remove_unused()
     called = {c.name for c in calls}
     for name, cls in (module_names or {}).items():
