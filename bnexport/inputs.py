@@ -69,7 +69,7 @@ def example_inputs(specs: list[InputSpec], *, dynamic: bool) -> tuple[torch.Tens
 def verification_batches(
     specs: list[InputSpec], *, dynamic: bool, samples: int, dataset: Dataset | None = None
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Seeded random batches (batch 1 and 8 alternately when dynamic, else the fixed batch),
+    """Seeded random batches (batch 1 and 4 alternately when dynamic, else the fixed batch),
     then the data set's batches (those of the fixed size, for a static-batch model)."""
     sizes = [SMALL_BATCH, LARGE_BATCH] if dynamic else [fixed_batch(specs)]
     batches = [

@@ -192,5 +192,5 @@ def test_fold_and_verify_agree_on_the_batch_axis(tmp_path, state_dict):
         assert folded["onnx"]["dynamic_batch"] is (not static)
         assert verified["onnx"]["dynamic_batch"] is (not static)
         sizes = set(verified["verify"]["batch_sizes"])
-        assert sizes == ({3} if static else {1, 8})
+        assert sizes == ({3} if static else {1, 4})
         assert verified["verdict"] == folded["verdict"] == "passed"
