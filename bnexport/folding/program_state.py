@@ -156,8 +156,7 @@ class ProgramState:
 
     def build(self) -> torch.export.ExportedProgram:
         """A program over the rewritten graph with the new signature and state."""
-        self.graph.lint()
-        self.gm.recompile()
+        self.graph.lint()  # the ExportedProgram below compiles the graph into a new module
         order = [n.name for n in self.graph.nodes if n.op == "placeholder"]
         signature = ExportGraphSignature(
             input_specs=[self.specs[name] for name in order],
