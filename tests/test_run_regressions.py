@@ -25,6 +25,12 @@ def _invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def _fold_with_arch(state_dict, arch: str, *extra):
+    """`bnexport fold` of a state_dict with --arch tests.nets:ARCH on (2, 1, 8, 8) inputs."""
+    shape = ["--input-shape", "2,1,8,8"]
+    return _invoke("fold", state_dict, "--arch", f"tests.nets:{arch}", *shape, *extra)
+
+
 @pytest.fixture()
 def state_dict(tmp_path):
     torch.manual_seed(0)
@@ -45,17 +51,8 @@ def test_summary_of_an_exception_without_message():
 def test_model_failing_with_empty_message_writes_nothing(tmp_path, state_dict):
     """A bare `assert` in forward: exit 2, one paragraph naming it, no file left behind."""
     before = _listing(tmp_path)
-    result = _invoke(
-        "fold",
-        state_dict,
-        "--arch",
-        "tests.nets:asserts_outside_export",
-        "--input-shape",
-        "2,1,8,8",
-        "-o",
-        tmp_path / "out.onnx",
-        "--json",
-        tmp_path / "r.json",
+    result = _fold_with_arch(
+        state_dict, "asserts_outside_export", "-o", tmp_path / "out.onnx", "--json", tmp_path / "r"
     )
     assert result.exit_code == 2, result.output
     assert "AssertionError (no message)" in result.output
@@ -68,13 +65,9 @@ def test_model_failing_with_empty_message_writes_nothing(tmp_path, state_dict):
 
 def test_failing_export_leaves_no_folded_program_and_no_onnx(tmp_path, state_dict):
     before = _listing(tmp_path)
-    result = _invoke(
-        "fold",
+    result = _fold_with_arch(
         state_dict,
-        "--arch",
-        "tests.nets:not_exportable_to_onnx",
-        "--input-shape",
-        "2,1,8,8",
+        "not_exportable_to_onnx",
         "-o",
         tmp_path / "out.onnx",
         "--save-folded",
@@ -121,17 +114,8 @@ def test_left_is_counted_one_way(tmp_path):
 
 
 def test_folding_a_program_bnexport_wrote(tmp_path, state_dict):
-    first = _invoke(
-        "fold",
-        state_dict,
-        "--arch",
-        "tests.nets:small_net",
-        "--input-shape",
-        "2,1,8,8",
-        "-o",
-        tmp_path / "a.onnx",
-        "--save-folded",
-        tmp_path / "a.pt2",
+    first = _fold_with_arch(
+        state_dict, "small_net", "-o", tmp_path / "a.onnx", "--save-folded", tmp_path / "a.pt2"
     )
     assert first.exit_code == 0, first.output
     second = _invoke(
