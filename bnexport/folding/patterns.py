@@ -185,14 +185,16 @@ class IntoPreceding:
                 f"axis {tr.axis}"
             )
         flat = tr.labels.ravel()
-        if tr.labels.shape[0] != bn.channels or np.sort(flat).tolist() != list(range(out_channels)):
+        if tr.labels.shape[0] != bn.channels or not np.array_equal(
+            np.sort(flat), np.arange(out_channels)
+        ):
             return self._refuse(
                 f"a reshape between {layer.name} and the BN spreads a layer channel over "
                 "several BN channels"
             )
+        # row c of the labels lists the layer channels that BN channel c normalizes
         channel_of = np.empty(out_channels, dtype=np.int64)
-        for bn_channel, row in enumerate(tr.labels):
-            channel_of[row] = bn_channel
+        channel_of[flat] = np.repeat(np.arange(tr.labels.shape[0]), tr.labels.shape[1])
         return FoldPlan(PRECEDING, bn, layer, channel_of)
 
     def _refuse(self, reason: str) -> Refusal:

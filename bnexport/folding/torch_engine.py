@@ -95,13 +95,18 @@ class _Workspace:
     """One float64 buffer reused for every block of every layer (fresh memory for each block
     would cost a page fault per page, more than the arithmetic itself)."""
 
-    def __init__(self):
-        self.buffer = torch.empty(0, dtype=F64)
+    def __init__(self, numel: int = 0):
+        self.buffer = torch.empty(numel, dtype=F64)
 
     def like(self, block: torch.Tensor) -> torch.Tensor:
         if self.buffer.numel() < block.numel():
             self.buffer = torch.empty(block.numel(), dtype=F64)
         return self.buffer[: block.numel()].view(block.shape)
+
+
+def _block_rows(weight: torch.Tensor) -> int:
+    """Rows of `weight` per block, so that a float64 block stays within BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // (max(weight[0].numel(), 1) * 8))
 
 
 def _fold_layer(
@@ -118,8 +123,7 @@ def _fold_layer(
     layout = folds.layer.layout
     rows = weight.shape[0]
     out_channels = bias.shape[0]
-    row_bytes = max(weight[0].numel(), 1) * 8
-    step = max(1, BLOCK_BYTES // row_bytes)
+    step = _block_rows(weight)
     in_place = in_place and not state.shares_memory(w_target)
     new_weight = weight if in_place else torch.empty_like(weight, requires_grad=False)
     deltas = [torch.zeros(out_channels, dtype=F64) for _ in folds.affines]
@@ -231,7 +235,9 @@ def fold_program(
                     name=name, kind=call.kind, status=LEFT, reason=reason, channels=call.channels
                 )
             )
-    workspace = _Workspace()
+    weights = [state.value(state.target(f.layer.weight)) for f in pending.values()]
+    largest = max((min(_block_rows(w), w.shape[0]) * w[0].numel() for w in weights), default=0)
+    workspace = _Workspace(largest)  # allocated once, at the size of the largest block
     for folds in pending.values():
         _fold_layer(folds, state, workspace, in_place=in_place)
     state.remove_unused()
