@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bnexport.defaults import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
 from bnexport.errors import ExportError, summarize_exception
-from bnexport.files import atomic_file_set
+from bnexport.files import atomic_file_set, check_writable
 
 if TYPE_CHECKING:
     import torch
@@ -137,16 +138,22 @@ def save_onnx_model(
     metadata: dict[str, object] | None = None,
     external_data: bool | None = None,
     threshold: int = EXTERNAL_DATA_THRESHOLD,
+    before_commit: Callable[[], None] | None = None,
 ) -> OnnxInfo:
     """Write an onnx_ir model to `path` atomically, checked by onnx.checker first.
 
     Metadata keys are set, not appended, so a model that already carries them stays valid.
-    `external_data=None` chooses external data when the weights exceed `threshold` bytes.
+    `external_data=None` chooses external data when the weights exceed `threshold` bytes; a
+    stale `path.data` from an earlier external-data export is removed when this one is not.
+    `before_commit` runs once the checker has accepted the file and before it is moved into
+    place, for files that must exist only together with it.
     """
     import onnx
     from onnxscript import ir
 
     path = Path(path)
+    check_writable(path)
+    data_file = path.with_name(f"{path.name}.data")
     for key, value in (metadata or {}).items():
         model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
     external = external_data if external_data is not None else initializer_bytes(model) > threshold
@@ -166,9 +173,13 @@ def save_onnx_model(
                 f"The exported ONNX model fails onnx.checker ({summarize_exception(exc)}); "
                 "nothing was written. Try another --opset; run with --debug for details."
             ) from exc
+        if before_commit is not None:
+            before_commit()
+    if not external and data_file.is_file():
+        data_file.unlink()  # the weights of the file just replaced
     info = describe_model(model, path)
     if external:
-        info.external_data = [f"{path.name}.data"]
+        info.external_data = [data_file.name]
     return info
 
 

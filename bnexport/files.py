@@ -66,14 +66,18 @@ def atomic_file_set(path: Path) -> Iterator[Path]:
     """Yield `path`'s own name inside a fresh directory beside it; the block writes that file
     and any companions next to it (`OUT.onnx.data`, which the file names relatively).
 
-    Only if the block succeeds are the companions moved into place, then the file itself, so
-    there is never a file without its companions and never a half-written file or set.
+    Only if the block succeeds is the set moved into place: first the old file at `path` is
+    removed, then the companions are moved, then the file itself. An interruption therefore
+    leaves the old set, no file at `path`, or the new set: never a file beside the wrong
+    companions, never a half-written file.
     """
     path = Path(path)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp_dir / path.name
         written = [p for p in tmp_dir.iterdir() if p.name != path.name]
+        if written and path.is_file():
+            path.unlink()
         for companion in written:
             _normal_permissions(companion)
             os.replace(companion, path.parent / companion.name)

@@ -11,6 +11,7 @@ a BadInputError leaves the file system as it found it.
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -137,7 +138,14 @@ def _verify(
                 labels=prep.dataset.labels,
                 **tolerances,
             )
-            data.data, data.data_size = prep.dataset.path, prep.dataset.size
+            used = sum(int(b[0].shape[0]) for b in prep.batches[n_random:])
+            data.data, data.data_size = prep.dataset.path, used
+            if used < prep.dataset.size:
+                report.warnings.append(
+                    f"only {used} of the {prep.dataset.size} rows of {prep.dataset.path} were "
+                    f"compared: the model's batch is fixed to {prep.batches[0][0].shape[0]}, "
+                    "and the rows left over do not fill a batch"
+                )
             results.append(data)
         report.verify = merge(results)
     except Exception as exc:  # noqa: BLE001 - a run-time mismatch is a verification failure
@@ -155,11 +163,20 @@ def _collect(large: bool) -> None:
 
 
 def _check_outputs(opts: RunOptions, paths: list[Path | None], inputs: list[Path]) -> None:
+    """Every output can be written, touches no input, and no two outputs are the same file."""
     from bnexport.files import check_writable
 
-    for path in paths:
-        if path is not None:
-            check_writable(Path(path), inputs=inputs)
+    seen: dict[Path, Path] = {}
+    for path in (Path(p) for p in paths if p is not None):
+        check_writable(path, inputs=inputs)
+        key = path.resolve()
+        if key in seen:
+            raise BadInputError(
+                f"Two outputs of this run would be the same file '{path}' (also given as "
+                f"'{seen[key]}'), and one would overwrite the other. Give the ONNX file (-o, "
+                "and its OUT.onnx.data), --json and --save-folded different names."
+            )
+        seen[key] = path
 
 
 def save_program(program, path: Path) -> None:
@@ -168,7 +185,13 @@ def save_program(program, path: Path) -> None:
 
     from bnexport.files import write_atomic
 
-    write_atomic(path, lambda tmp: torch.export.save(program, tmp))
+    try:
+        write_atomic(path, lambda tmp: torch.export.save(program, tmp))
+    except OSError as exc:
+        raise BadInputError(
+            f"Writing the folded program to '{path}' failed ({summarize_exception(exc)}); "
+            "nothing was written. Free some space or choose another --save-folded path."
+        ) from exc
 
 
 def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
@@ -208,19 +231,22 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
 
     progress("exporting to ONNX")
     onnx_program = to_onnx_program(folded, opset=opts.opset)
+    save_folded = None
+    if opts.save_folded is not None:
+        # written after onnx.checker accepts the export and before the ONNX file is moved
+        # into place: a run that fails leaves neither
+        report.saved_program = str(opts.save_folded)
+        save_folded = functools.partial(save_program, folded, Path(opts.save_folded))
     report.onnx = save_onnx_model(
         onnx_program.model,
         output,
         metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
         external_data=opts.external_data,
         threshold=opts.external_data_threshold,
+        before_commit=save_folded,
     )
     release_weights(onnx_program.model)
-    del onnx_program
-    if opts.save_folded is not None:
-        save_program(folded, Path(opts.save_folded))
-        report.saved_program = str(opts.save_folded)
-    del folded
+    del onnx_program, save_folded, folded
     _collect(large)
     if prep.dynamic != (not opts.static_batch):
         report.warnings.append(

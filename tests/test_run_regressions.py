@@ -178,3 +178,79 @@ def test_fold_and_verify_agree_on_the_batch_axis(tmp_path, state_dict):
         sizes = set(verified["verify"]["batch_sizes"])
         assert sizes == ({3} if static else {1, 4})
         assert verified["verdict"] == folded["verdict"] == "passed"
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+def test_outputs_that_name_the_same_file_are_refused(tmp_path, state_dict):
+    before = _listing(tmp_path)
+    out = tmp_path / "same.onnx"
+    for extra in (["--json", out], ["--save-folded", out], ["--json", f"{out}.data"]):
+        result = _fold_with_arch(state_dict, "small_net", "-o", out, *extra)
+        assert result.exit_code == 2, result.output
+        assert "would be the same file" in result.output
+        assert _listing(tmp_path) == before
+
+
+def test_failing_save_folded_leaves_no_onnx(tmp_path, state_dict, monkeypatch):
+    """Disk full while writing --save-folded: neither file appears (exit 2)."""
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", disk_full)
+    before = _listing(tmp_path)
+    result = _fold_with_arch(
+        state_dict, "small_net", "-o", tmp_path / "o.onnx", "--save-folded", tmp_path / "f.pt2"
+    )
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.output and "nothing was written" in result.output
+    assert _listing(tmp_path) == before
+
+
+def test_an_inline_export_removes_the_stale_data_file(tmp_path, state_dict):
+    out = tmp_path / "o.onnx"
+    assert _fold_with_arch(state_dict, "small_net", "-o", out, "--external-data").exit_code == 0
+    assert (tmp_path / "o.onnx.data").is_file()
+    assert _fold_with_arch(state_dict, "small_net", "-o", out).exit_code == 0
+    assert not (tmp_path / "o.onnx.data").exists()
+    assert onnx.load(str(out)).graph.initializer  # the weights are inside the file now
+
+
+def test_non_finite_outputs_must_match_exactly():
+    import numpy as np
+
+    from bnexport.verify import compare
+
+    ref = [np.array([[-np.inf, 1.0, 2.0]], dtype=np.float32)]
+
+    def onnx_with(values):
+        return lambda *args: [np.array([values], dtype=np.float32)]
+
+    batches = [np.zeros((1, 3), np.float32)]
+    same = compare([ref], onnx_with([-np.inf, 1.0, 2.0]), batches)
+    assert same.passed and same.outputs[0].scale == 2.0
+    wrong_finite = compare([ref], onnx_with([-np.inf, 100.0, -50.0]), batches)
+    assert not wrong_finite.passed
+    wrong_infinite = compare([ref], onnx_with([0.0, 1.0, 2.0]), batches)
+    assert not wrong_infinite.passed
+
+
+def test_static_batch_reports_the_data_rows_it_compared(tmp_path):
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = randomize_bn(SmallNet()).eval()
+    torch.export.save(
+        torch.export.export(model, (torch.randn(4, 1, 8, 8),)), str(tmp_path / "m.pt2")
+    )
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(10, 1, 8, 8)).astype("f4"))
+    report = tmp_path / "r.json"
+    args = ["-o", tmp_path / "m.onnx", "--data", data, "--json", report, "--samples", "1"]
+    result = _invoke("fold", tmp_path / "m.pt2", *args)
+    assert result.exit_code == 0, result.output
+    verify = json.loads(report.read_text())["verify"]
+    assert verify["data"]["samples"] == 8  # two batches of the fixed 4; 2 rows left over
+    assert "only 8 of the 10 rows" in result.output
