@@ -68,11 +68,12 @@ def _external_files(model) -> list[str]:
 def describe_model(model, path: str | Path) -> OnnxInfo:
     """What an onnx_ir model (saved at `path`) holds: opset, inputs, outputs, batch axis, BNs.
 
-    The batch axis is dynamic when axis 0 of every input is symbolic (or unknown); otherwise
-    the model fixes the batch to the first fixed axis 0.
+    The batch axis is dynamic when axis 0 of some input is symbolic (an input whose axis 0 is
+    fixed beside it has no batch axis); otherwise the model fixes the batch to the first
+    input's axis 0.
     """
     batch_dims = [v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape)]
-    dynamic = bool(batch_dims) and all(not isinstance(d, int) for d in batch_dims)
+    dynamic = any(not isinstance(d, int) for d in batch_dims)
     fixed = next((d for d in batch_dims if isinstance(d, int)), None)
     return OnnxInfo(
         path=str(path),

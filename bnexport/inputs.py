@@ -16,15 +16,20 @@ LABELS_KEY = "labels"
 
 @dataclass
 class InputSpec:
-    """One positional tensor input of forward: name, shape (batch first) and dtype."""
+    """One positional tensor input of forward: name, shape (batch first) and dtype.
+
+    `batched` is False for an input without a batch axis (a program whose other inputs have a
+    dynamic batch while this one's axis 0 is fixed): its shape never changes with the batch.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     dynamic_batch: bool | None = None  # None: unknown (the model decides when traced)
+    batched: bool = True
 
     def with_batch(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.shape[1:]) if self.shape else self.shape
+        return (batch, *self.shape[1:]) if self.shape and self.batched else self.shape
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -57,7 +62,8 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int) -> tuple[torch.
 
 def fixed_batch(specs: list[InputSpec]) -> int:
     """The batch size a static-batch model was recorded with (1 when unknown)."""
-    return specs[0].shape[0] if specs and specs[0].shape else 1
+    batched = [s for s in specs if s.batched and s.shape]
+    return batched[0].shape[0] if batched else 1
 
 
 def example_inputs(specs: list[InputSpec], *, dynamic: bool) -> tuple[torch.Tensor, ...]:

@@ -64,7 +64,7 @@ class Source:
     @property
     def dynamic_batch(self) -> bool:
         """False when the checkpoint itself fixes the batch size."""
-        return not any(s.dynamic_batch is False for s in self.input_specs or [])
+        return not any(s.dynamic_batch is False for s in self.input_specs or [] if s.batched)
 
     def reference(self) -> Callable:
         """The eval-mode original (an nn.Module is put in eval mode when called)."""
@@ -318,6 +318,9 @@ def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec
             shape = tuple(d if isinstance(d, int) else 2 for d in val.shape)
         dynamic = bool(val.shape) and isinstance(val.shape[0], torch.SymInt)
         specs.append(InputSpec(node.name, shape, val.dtype, dynamic_batch=dynamic))
+    if any(s.dynamic_batch for s in specs):
+        # beside a dynamic batch, an input whose axis 0 is fixed has no batch axis
+        specs = [s if s.dynamic_batch else replace(s, batched=False) for s in specs]
     return specs
 
 
@@ -427,10 +430,15 @@ def _check_against_program(given: list[InputSpec], recorded: list[InputSpec]) ->
             "to use the shapes the checkpoint records."
         )
     for g, r in zip(given, recorded):
-        fixed = [(i, d) for i, d in enumerate(r.shape) if i > 0 or r.dynamic_batch is False]
+        fixed = [
+            (i, d)
+            for i, d in enumerate(r.shape)
+            if i > 0 or r.dynamic_batch is False or not r.batched
+        ]
         if len(g.shape) != len(r.shape) or any(g.shape[i] != d for i, d in fixed):
             expected = ", ".join(
-                "batch" if i == 0 and r.dynamic_batch else str(d) for i, d in enumerate(r.shape)
+                "batch" if i == 0 and r.dynamic_batch and r.batched else str(d)
+                for i, d in enumerate(r.shape)
             )
             raise _fail(
                 f"The input shape {g.shape} does not fit input '{r.name}': the model expects "
@@ -444,7 +452,7 @@ def resolve_input_specs(source: Source, shapes: list[str]) -> list[InputSpec]:
     recorded = source.input_specs or []
     if shapes and recorded:
         given = [
-            InputSpec(r.name, parse_shape(t), r.dtype, r.dynamic_batch)
+            InputSpec(r.name, parse_shape(t), r.dtype, r.dynamic_batch, r.batched)
             for t, r in zip(shapes, recorded)
         ] + [
             InputSpec(f"input_{i}", parse_shape(t))

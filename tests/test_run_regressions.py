@@ -254,3 +254,32 @@ def test_static_batch_reports_the_data_rows_it_compared(tmp_path):
     verify = json.loads(report.read_text())["verify"]
     assert verify["data"]["samples"] == 8  # two batches of the fixed 4; 2 rows left over
     assert "only 8 of the 10 rows" in result.output
+
+
+class WithUnbatchedInput(torch.nn.Module):
+    """forward(x, scale): x has a batch axis, `scale` (shape (4,)) does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallNet()
+
+    def forward(self, x, scale):
+        return self.net(x) * scale[:3].sum()
+
+
+def test_an_input_without_batch_axis_keeps_its_shape(tmp_path):
+    torch.manual_seed(0)
+    model = WithUnbatchedInput().eval()
+    randomize_bn(model)
+    args = (torch.randn(2, 1, 8, 8), torch.rand(4))
+    dyn = ({0: torch.export.Dim.AUTO}, None)
+    torch.export.save(torch.export.export(model, args, dynamic_shapes=dyn), str(tmp_path / "m.pt2"))
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = _invoke("fold", tmp_path / "m.pt2", "-o", out, "--json", report, "--samples", "2")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["onnx"]["dynamic_batch"] is True
+    assert set(data["verify"]["batch_sizes"]) == {1, 4}
+    assert data["batchnorm"]["folded"] == 1
+    result = _invoke("verify", tmp_path / "m.pt2", out, "--samples", "2")
+    assert result.exit_code == 0, result.output
