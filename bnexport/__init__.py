@@ -31,6 +31,7 @@ _PUBLIC = {
     "export_program": "bnexport.export",
     "VerifyResult": "bnexport.verify",
     "verify_onnx": "bnexport.verify",
+    "LoadedModel": "bnexport.load",
     "Source": "bnexport.load",
     "load_model": "bnexport.load",
     "load_source": "bnexport.load",

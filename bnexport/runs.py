@@ -162,7 +162,7 @@ def _collect(large: bool) -> None:
         gc.collect()
 
 
-def _check_outputs(opts: RunOptions, paths: list[Path | None], inputs: list[Path]) -> None:
+def _check_outputs(paths: list[Path | None], inputs: list[Path]) -> None:
     """Every output can be written, touches no input, and no two outputs are the same file."""
     from bnexport.files import check_writable
 
@@ -206,7 +206,7 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     if companion_data(opts.model) is not None:
         inputs.append(companion_data(opts.model))
     data_file = output.with_name(output.name + ".data")
-    _check_outputs(opts, [output, data_file, opts.json_path, opts.save_folded], inputs)
+    _check_outputs([output, data_file, opts.json_path, opts.save_folded], inputs)
     prep = _prepare(opts, progress)
     source = prep.source
     program = source.to_program(
@@ -268,7 +268,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise BadInputError(f"The ONNX file '{onnx_path}' does not exist or is not a file.")
-    _check_outputs(opts, [opts.json_path], [Path(opts.model), onnx_path])
+    _check_outputs([opts.json_path], [Path(opts.model), onnx_path])
     try:
         info = describe_onnx(onnx_path)
     except Exception as exc:  # noqa: BLE001

@@ -163,11 +163,6 @@ def _error_and_scale(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return (err if np.isfinite(err) else float("inf")), float(np.max(np.abs(r64)))
 
 
-def _batch_size(batch) -> int:
-    first = as_numpy_batch(batch)[:1]
-    return int(first[0].shape[0]) if first and first[0].ndim else 1
-
-
 def compare(
     reference: Callable | Sequence,
     runner: Callable,
@@ -190,7 +185,8 @@ def compare(
         expected = run_reference(reference, batch) if recorded is None else recorded[i]
         expected = as_outputs(expected)
         names, ref = expected.names, expected.arrays
-        got = runner(*as_numpy_batch(batch))
+        arrays = as_numpy_batch(batch)
+        got = runner(*arrays)
         if len(got) != len(ref):
             raise ValueError(f"the ONNX model has {len(got)} outputs but the model has {len(ref)}")
         if checks is None:
@@ -213,7 +209,7 @@ def compare(
             agree += int((ref[0].argmax(1) == got[0].argmax(1)).sum())
             total += len(lab)
         samples += 1
-        batch_sizes.append(_batch_size(batch))
+        batch_sizes.append(int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1)
     result = VerifyResult(checks or [], samples, atol, rtol, batch_sizes)
     if n_labels:
         result.accuracy = Accuracy(ref_correct / n_labels, onnx_correct / n_labels, n_labels)
