@@ -12,6 +12,8 @@ DEFAULT_SAMPLES = 4
 SMALL_BATCH = 1
 LARGE_BATCH = 4
 DATA_BATCH = 256
+# An ONNX file's symbolic batch axis is checked at 1 and 8 (the file was traced at no known size).
+ONNX_BATCHES = (1, 8)
 
 # Above this many bytes of weights, the ONNX weights go to an external data file next to the
 # model: protobuf cannot serialize a message over 2 GiB, and the headroom covers the graph.

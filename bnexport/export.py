@@ -65,6 +65,11 @@ def _external_files(model) -> list[str]:
     return files
 
 
+def has_external_data(model) -> bool:
+    """True when some initializer of an onnx_ir model lives in an external data file."""
+    return bool(_external_files(model))
+
+
 def describe_model(model, path: str | Path) -> OnnxInfo:
     """What an onnx_ir model (saved at `path`) holds: opset, inputs, outputs, batch axis, BNs.
 
@@ -158,6 +163,8 @@ def save_onnx_model(
     for key, value in (metadata or {}).items():
         model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
     external = external_data if external_data is not None else initializer_bytes(model) > threshold
+    if not external and has_external_data(model):
+        ir.external_data.load_to_model(model)  # embedded in the new file, not referenced
     with atomic_file_set(path) as tmp:
         try:
             ir.save(model, tmp, external_data=f"{path.name}.data" if external else None)

@@ -73,14 +73,19 @@ def example_inputs(specs: list[InputSpec], *, dynamic: bool) -> tuple[torch.Tens
 
 
 def verification_batches(
-    specs: list[InputSpec], *, dynamic: bool, samples: int, dataset: Dataset | None = None
+    specs: list[InputSpec],
+    *,
+    dynamic: bool,
+    samples: int,
+    dataset: Dataset | None = None,
+    sizes: tuple[int, ...] = (SMALL_BATCH, LARGE_BATCH),
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Seeded random batches (batch 1 and 4 alternately when dynamic, else the fixed batch),
-    then the data set's batches (those of the fixed size, for a static-batch model)."""
-    sizes = [SMALL_BATCH, LARGE_BATCH] if dynamic else [fixed_batch(specs)]
-    batches = [
-        random_inputs(specs, sizes[i % len(sizes)], seed=1000 + i) for i in range(max(samples, 1))
-    ]
+    """`samples` seeded random batches (alternately of each of `sizes` when dynamic, else the
+    fixed batch), then the data set's batches (those of the fixed size, for a static-batch
+    model). `samples` may be 0 only with a data set."""
+    sizes = list(sizes) if dynamic else [fixed_batch(specs)]
+    count = samples if dataset is not None else max(samples, 1)
+    batches = [random_inputs(specs, sizes[i % len(sizes)], seed=1000 + i) for i in range(count)]
     if dataset is not None:
         size = DATA_BATCH if dynamic else fixed_batch(specs)
         batches += [b for b in dataset.batches(size) if dynamic or b[0].shape[0] == size]

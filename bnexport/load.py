@@ -8,6 +8,8 @@ Accepted formats (detected from the file's content, not its name):
 * whole pickled nn.Module (`torch.save(model)`): only with `trust_pickle=True`.
 * TorchScript archive (`torch.jit.save`): converted to a torch.export program here (it needs
   input shapes), so the later stages see a program like any other.
+* ONNX model (`bnexport.load_onnx`): folded by the ONNX engine; its reference is onnxruntime
+  on the original file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from bnexport.errors import BadInputError, summarize_exception
 from bnexport.inputs import InputSpec, example_inputs, parse_shape
+from bnexport.load_onnx import ONNX, OnnxReference, load_onnx, npz_shapes, resolve_onnx_specs
 from bnexport.trace import TRAINING_MODE_WARNING, batchnorm_modules, in_training_mode, trace
 
 PT2 = "torch.export program"
@@ -66,15 +69,22 @@ class Source:
         """False when the checkpoint itself fixes the batch size."""
         return not any(s.dynamic_batch is False for s in self.input_specs or [] if s.batched)
 
+    @property
+    def is_onnx(self) -> bool:
+        return self.format == ONNX
+
     def reference(self) -> Callable:
-        """The eval-mode original (an nn.Module is put in eval mode when called)."""
+        """The eval-mode original (an nn.Module is put in eval mode when called); for an ONNX
+        model, onnxruntime on the original file."""
+        if self.is_onnx:
+            return OnnxReference(self.path)
         if isinstance(self.model, torch.export.ExportedProgram):
             return self.model.module()
         return self.model
 
     def batchnorm_modules(self) -> dict[str, str]:
         """Qualified name -> class name of every BatchNorm module (empty for a program)."""
-        if isinstance(self.model, torch.export.ExportedProgram):
+        if not isinstance(self.model, nn.Module):
             return {}
         return batchnorm_modules(self.model)
 
@@ -150,10 +160,7 @@ def detect_format(path: Path) -> str:
     if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
         return STATE_DICT  # legacy (non-zip) torch.save
     if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":
-        raise _fail(
-            f"'{path}' is an ONNX model, not a PyTorch checkpoint. bnexport folds PyTorch "
-            "models before export: pass the trained PyTorch checkpoint instead."
-        )
+        return ONNX  # a ModelProto starts with its ir_version (field 1, varint)
     try:
         head.decode("utf-8")
         kind = "a text file"
@@ -161,8 +168,8 @@ def detect_format(path: Path) -> str:
         kind = "binary data of an unknown format"
     raise _fail(
         f"'{path}' is {kind}, not a model checkpoint. Accepted formats: a torch.export program "
-        "(.pt2), a state_dict (.pt/.pth/.safetensors) with --arch, a TorchScript archive, or "
-        "a pickled nn.Module with --trust-pickle."
+        "(.pt2), a state_dict (.pt/.pth/.safetensors) with --arch, a TorchScript archive, "
+        "a pickled nn.Module with --trust-pickle, or an ONNX model (.onnx)."
     )
 
 
@@ -328,6 +335,8 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     """Load a checkpoint in any accepted format, refusing unsafe pickles unless trusted."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == ONNX:
+        return load_onnx(path)
     if fmt == PT2:
         try:
             program = torch.export.load(path)
@@ -482,11 +491,16 @@ def load_source(
     trust_pickle: bool = False,
     input_shapes: list[str] = (),
     static_batch: bool = False,
+    data: Path | None = None,
 ) -> Source:
-    """Load any accepted checkpoint with its input specs resolved; TorchScript is converted
-    to a torch.export program here, so every later stage sees a module or a program."""
+    """Load any accepted model with its input specs resolved; TorchScript is converted to a
+    torch.export program here, so every later stage sees a module, a program or an ONNX
+    model. An ONNX model's open dims come from `input_shapes` (NAME=DIMS) or `data`."""
     source = load_model(path, arch=arch, trust_pickle=trust_pickle)
-    specs = resolve_input_specs(source, list(input_shapes))
+    if source.is_onnx:
+        specs = resolve_onnx_specs(source.input_specs, list(input_shapes), npz_shapes(data))
+    else:
+        specs = resolve_input_specs(source, list(input_shapes))
     if static_batch:
         specs = [replace(s, dynamic_batch=False) for s in specs]
     source.input_specs = specs

@@ -100,6 +100,7 @@ def run_report_dict(report: RunReport) -> dict[str, Any]:
     if report.verify_error:
         verify["passed"] = False
         verify["error"] = report.verify_error
+    verify["reference"] = report.reference
     out["verify"] = verify
     out["warnings"] = list(report.warnings)
     return out
@@ -218,7 +219,10 @@ def render_run(report: RunReport, console: Console) -> None:
         return
     v = report.verify
     _table(
-        console, "Verification (onnxruntime vs eval-mode PyTorch)", _VERIFY_HEADER, _verify_rows(v)
+        console,
+        f"Verification (onnxruntime vs {report.reference})",
+        _VERIFY_HEADER,
+        _verify_rows(v),
     )
     if v.data is not None:
         console.print(

@@ -116,6 +116,7 @@ class RunReport:
     verify_error: str | None = None
     saved_program: str | None = None
     warnings: list[str] = field(default_factory=list)
+    reference: str = "eval-mode PyTorch"  # what the ONNX file was compared with
 
     @property
     def verdict(self) -> str:

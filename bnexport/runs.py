@@ -3,6 +3,10 @@
     fold:    load -> record reference -> fold -> export -> (save program) -> verify -> report
     verify:  load -> describe ONNX -> verify -> report
 
+A PyTorch checkpoint is folded as one torch.export program and exported; an ONNX file is
+folded by the ONNX engine and written back (its reference is onnxruntime on the original
+file, and both files run with onnxruntime's graph optimizations off).
+
 The reference outputs are recorded from the eval-mode original before the fold, so the fold
 can rewrite the one traced program in place and the original need not stay in memory. Every
 check that can refuse the run happens before the first file is written, so a run that ends in
@@ -60,13 +64,15 @@ def _quiet(_: str) -> None:
     pass
 
 
+ONNX_REFERENCE = "the original ONNX file (both without graph optimizations)"
+
+
 def default_output(model: Path) -> Path:
+    """MODEL.onnx next to a checkpoint; MODEL.folded.onnx next to an ONNX file."""
     model = Path(model)
-    return (
-        model.with_suffix(".onnx")
-        if model.suffix != ".onnx"
-        else model.with_name(model.name + ".folded.onnx")
-    )
+    if model.suffix.lower() == ".onnx":
+        return model.with_name(model.stem + ".folded.onnx")
+    return model.with_suffix(".onnx")
 
 
 def companion_data(model: Path) -> Path | None:
@@ -82,26 +88,55 @@ class _Prepared:
     dataset: object
     dynamic: bool
     batches: list
+    n_random: int  # the first n_random batches are seeded random inputs, the rest the data's
+    onnx_in: bool = False
+
+
+def _random_samples(source, specs, dataset, samples: int) -> int:
+    """How many random batches to make: none for an ONNX model with integer inputs (token
+    ids, indices: their valid range is the model's), whose inputs must come from the data."""
+    import torch
+
+    ints = [s.name for s in specs if not s.dtype.is_floating_point and s.dtype != torch.bool]
+    if not source.is_onnx or not ints:
+        return samples
+    if dataset is None:
+        raise BadInputError(
+            f"The ONNX input(s) {', '.join(ints)} are integers (token ids, indices), whose valid "
+            "range only the model knows, so bnexport cannot make random test inputs for them. "
+            "Pass --data INPUTS.npz with real inputs (one array per model input, by name)."
+        )
+    return 0
 
 
 def _prepare(opts: RunOptions, progress: Progress) -> _Prepared:
+    from bnexport.defaults import LARGE_BATCH, ONNX_BATCHES, SMALL_BATCH
     from bnexport.inputs import load_npz, verification_batches
     from bnexport.load import load_source
 
     progress("loading model")
+    data = opts.data if opts.data is not None else companion_data(opts.model)
     source = load_source(
         opts.model,
         arch=opts.arch,
         trust_pickle=opts.trust_pickle,
         input_shapes=opts.input_shapes,
         static_batch=opts.static_batch,
+        data=data,
     )
     specs = source.input_specs
-    data = opts.data if opts.data is not None else companion_data(opts.model)
     dataset = load_npz(data, specs) if data is not None else None
     dynamic = source.dynamic_batch
-    batches = verification_batches(specs, dynamic=dynamic, samples=opts.samples, dataset=dataset)
-    return _Prepared(source, specs, dataset, dynamic, batches)
+    samples = _random_samples(source, specs, dataset, opts.samples)
+    batches = verification_batches(
+        specs,
+        dynamic=dynamic,
+        samples=samples,
+        dataset=dataset,
+        sizes=ONNX_BATCHES if source.is_onnx else (SMALL_BATCH, LARGE_BATCH),
+    )
+    n_random = samples if dataset is not None else max(samples, 1)
+    return _Prepared(source, specs, dataset, dynamic, batches, n_random, source.is_onnx)
 
 
 def _record(reference, batches) -> list:
@@ -110,6 +145,8 @@ def _record(reference, batches) -> list:
 
     try:
         return record_reference(reference, batches)
+    except BadInputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the user's model failed on its own inputs
         raise BadInputError(
             f"The model itself fails in eval mode on the verification inputs "
@@ -125,11 +162,16 @@ def _verify(
     from bnexport.verify import OnnxRunner, compare, merge
 
     progress("verifying with onnxruntime")
-    n_random = max(opts.samples, 1)
+    n_random = prep.n_random
     try:
-        runner = OnnxRunner(str(onnx_path))
+        # an ONNX original ran without graph optimizations, and so does its folded file
+        runner = OnnxRunner(str(onnx_path), optimize=not prep.onnx_in)
         tolerances = {"atol": opts.atol, "rtol": opts.rtol}
-        results = [compare(reference[:n_random], runner, prep.batches[:n_random], **tolerances)]
+        results = []
+        if n_random:
+            results.append(
+                compare(reference[:n_random], runner, prep.batches[:n_random], **tolerances)
+            )
         if prep.dataset is not None:
             data = compare(
                 reference[n_random:],
@@ -196,10 +238,7 @@ def save_program(program, path: Path) -> None:
 
 def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     """Fold, export, verify; write the ONNX file (and the JSON report / folded program)."""
-    from bnexport.export import release_weights, save_onnx_model, to_onnx_program
-    from bnexport.folding.torch_engine import fold_program
-    from bnexport.inputs import example_inputs
-    from bnexport.render import onnx_metadata, write_json
+    from bnexport.render import write_json
 
     output = Path(opts.output or default_output(opts.model))
     inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
@@ -208,13 +247,35 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     data_file = output.with_name(output.name + ".data")
     _check_outputs([output, data_file, opts.json_path, opts.save_folded], inputs)
     prep = _prepare(opts, progress)
+    report = RunReport("fold", str(opts.model), str(output), warnings=list(prep.source.warnings))
+    if prep.onnx_in:
+        report.reference = ONNX_REFERENCE
+    if prep.onnx_in:
+        reference = _fold_onnx_file(prep, opts, output, report, progress)
+    else:
+        reference = _fold_checkpoint(prep, opts, output, report, progress)
+    _verify(reference, output, prep, opts, report, progress)
+    if opts.json_path is not None:
+        write_json(report, opts.json_path)
+    return report
+
+
+def _fold_checkpoint(
+    prep: _Prepared, opts: RunOptions, output: Path, report: RunReport, progress: Progress
+) -> list:
+    """A PyTorch checkpoint: trace once, record the reference, fold the program in place,
+    export it. Returns the recorded reference outputs."""
+    from bnexport.export import release_weights, save_onnx_model, to_onnx_program
+    from bnexport.folding.torch_engine import fold_program
+    from bnexport.inputs import example_inputs
+    from bnexport.render import onnx_metadata
+
     source = prep.source
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
     progress("running the original model")
     reference = _record(source.reference(), prep.batches)
-    report = RunReport("fold", str(opts.model), str(output), warnings=list(source.warnings))
     module_names = source.batchnorm_modules()
     # From here on the traced program is all this run holds of the model: it is folded in
     # place, and (for a large model) each stage's leftovers are freed before the next stage
@@ -253,10 +314,44 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
             f"the checkpoint fixes the batch size to {prep.batches[0][0].shape[0]}; the ONNX "
             "file keeps that static batch"
         )
-    _verify(reference, output, prep, opts, report, progress)
-    if opts.json_path is not None:
-        write_json(report, opts.json_path)
-    return report
+    return reference
+
+
+def _fold_onnx_file(
+    prep: _Prepared, opts: RunOptions, output: Path, report: RunReport, progress: Progress
+) -> list:
+    """An ONNX file: record the reference in onnxruntime, fold the model in place with the
+    ONNX engine, write it back (external data when the input had it). Returns the recorded
+    reference outputs."""
+    from bnexport.export import has_external_data, save_onnx_model
+    from bnexport.folding.onnx_engine import fold_onnx_model
+    from bnexport.render import onnx_metadata
+
+    if opts.save_folded is not None:
+        raise BadInputError(
+            "--save-folded saves a folded torch.export program, which an ONNX input does not "
+            "have; the folded ONNX file (-o) is the result. Leave out --save-folded."
+        )
+    source = prep.source
+    progress("running the original model in onnxruntime")
+    reference = _record(source.reference(), prep.batches)
+    model = source.model
+    progress("folding BatchNormalization nodes")
+    report.fold = fold_onnx_model(model)
+    report.warnings += report.fold.warnings
+    progress("writing the folded ONNX file")
+    external = opts.external_data
+    if external is None and has_external_data(model):
+        external = True  # written back the way it came
+    report.onnx = save_onnx_model(
+        model,
+        output,
+        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        external_data=external,
+        threshold=opts.external_data_threshold,
+    )
+    prep.source = source = model = None
+    return reference
 
 
 def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -> RunReport:
@@ -289,6 +384,8 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     report = RunReport(
         "verify", str(opts.model), str(onnx_path), onnx=info, warnings=list(prep.source.warnings)
     )
+    if prep.onnx_in:
+        report.reference = ONNX_REFERENCE
     _verify(reference, onnx_path, prep, opts, report, progress)
     if opts.json_path is not None:
         write_json(report, opts.json_path)

@@ -89,8 +89,8 @@ def _same(a, b) -> bool:
     return sympy.simplify(a - b) == 0
 
 
-def _prefix(shape, axis: int) -> sympy.Expr:
-    return sympy.Mul(*[_expr(d) for d in shape[:axis]]) if axis else sympy.Integer(1)
+def _prefix_expr(shape: tuple, axis: int) -> sympy.Expr:
+    return sympy.Mul(*shape[:axis]) if axis else sympy.Integer(1)
 
 
 def _shape(node: fx.Node):
@@ -118,10 +118,20 @@ def is_transparent_op(node: fx.Node) -> bool:
 
 
 def _reshape(src: tuple, dst: tuple, tr: Tracked) -> Tracked:
+    return track_reshape(tuple(map(_expr, src)), tuple(map(_expr, dst)), tr)
+
+
+def track_reshape(src: tuple, dst: tuple, tr: Tracked) -> Tracked:
+    """Carry `tr` through a reshape from `src` to `dst` (dims as sympy expressions).
+
+    The tracked axis lands on the output axis whose leading dims multiply to the same product
+    as the input's leading dims (so the row-major order of the channel axis is kept); it may
+    keep its size, be merged with trailing axes (rows repeat) or split (rows group).
+    """
     size = int(tr.labels.shape[0])
-    pre = _prefix(src, tr.axis)
-    candidates = [a for a in range(len(dst)) if _same(_prefix(dst, a), pre)]
-    sizes = {a: int(dst[a]) for a in candidates if not isinstance(dst[a], torch.SymInt)}
+    pre = _prefix_expr(src, tr.axis)
+    candidates = [a for a in range(len(dst)) if _same(_prefix_expr(dst, a), pre)]
+    sizes = {a: int(dst[a]) for a in candidates if dst[a].is_Integer}
     for a, n in sizes.items():
         if n == size:
             return Tracked(a, tr.labels)
@@ -132,6 +142,53 @@ def _reshape(src: tuple, dst: tuple, tr: Tracked) -> Tracked:
         if 1 < n < size and size % n == 0:
             return Tracked(a, tr.labels.reshape(n, -1))
     raise NotTransparent("it reshapes the channel axis into other axes")
+
+
+def track_permute(perm: list[int], tr: Tracked) -> Tracked:
+    """Output axis i is input axis perm[i]."""
+    return Tracked(list(perm).index(tr.axis), tr.labels)
+
+
+def track_reduce(axes: list[int], keepdims: bool, tr: Tracked, what: str = "averages") -> Tracked:
+    """Carry `tr` through an average over `axes` (normalized), which must miss the channel."""
+    if tr.axis in axes:
+        raise NotTransparent(f"it {what} over the channel axis")
+    return Tracked(tr.axis - (0 if keepdims else sum(a < tr.axis for a in axes)), tr.labels)
+
+
+def preceding_channel_of(tr: Tracked, out_channels: int, bn_channels: int) -> np.ndarray | str:
+    """Map each layer output channel to its BN channel, from the labels tracked to the BN's
+    input; or say why the BN channels are not a function of the layer channels."""
+    if tr.axis != 1:
+        return f"the BN normalizes axis 1 but the layer's channels arrive on axis {tr.axis}"
+    flat = tr.labels.ravel()
+    if tr.labels.shape[0] != bn_channels or not np.array_equal(
+        np.sort(flat), np.arange(out_channels)
+    ):
+        return (
+            "a reshape between the layer and the BN spreads a layer channel over several BN "
+            "channels"
+        )
+    # row c of the labels lists the layer channels that BN channel c normalizes
+    channel_of = np.empty(out_channels, dtype=np.int64)
+    channel_of[flat] = np.repeat(np.arange(tr.labels.shape[0]), tr.labels.shape[1])
+    return channel_of
+
+
+def following_channel_of(tr: Tracked, in_axis: int) -> np.ndarray | str:
+    """Map each layer input channel to its BN channel, from the labels tracked to the layer's
+    input; or say why not."""
+    if tr.axis != in_axis:
+        return (
+            f"the BN channels reach the layer on axis {tr.axis}, not on its input channel "
+            f"axis {in_axis}"
+        )
+    if tr.labels.shape[1] != 1:
+        return (
+            "a reshape between the BN and the layer mixes several BN channels into one input "
+            "channel"
+        )
+    return tr.labels[:, 0].copy()
 
 
 def _padded_axes(ndim: int, pad: list) -> set[int]:
@@ -153,8 +210,7 @@ def step(node: fx.Node, tr: Tracked) -> Tracked:
     if t in _RESHAPE:
         return _reshape(src, dst, tr)
     if t is aten.permute.default:
-        perm = [d % ndim for d in node.args[1]]
-        return Tracked(perm.index(tr.axis), tr.labels)
+        return track_permute([d % ndim for d in node.args[1]], tr)
     if t in (aten.transpose.int, aten.t.default):
         d0, d1 = (node.args[1] % ndim, node.args[2] % ndim) if t is aten.transpose.int else (0, 1)
         axis = d1 if tr.axis == d0 else d0 if tr.axis == d1 else tr.axis
@@ -172,11 +228,7 @@ def step(node: fx.Node, tr: Tracked) -> Tracked:
         dims = node.args[1]
         dims = [d % ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
         keepdim = bool(node.args[2]) if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if not dims:
-            dims = list(range(ndim))
-        if tr.axis in dims:
-            raise NotTransparent("it averages over the channel axis")
-        return Tracked(tr.axis - (0 if keepdim else sum(d < tr.axis for d in dims)), tr.labels)
+        return track_reduce(dims or list(range(ndim)), keepdim, tr)
     if t in _ADAPTIVE_AVG or t in _AVG_POOL:
         k = _ADAPTIVE_AVG.get(t) or _AVG_POOL[t]
         if tr.axis >= ndim - k:

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import fx
 
-from bnexport.folding.channels import NotTransparent, Tracked, initial, is_transparent_op, step
+from bnexport.folding.channels import (
+    NotTransparent,
+    Tracked,
+    following_channel_of,
+    initial,
+    is_transparent_op,
+    preceding_channel_of,
+    step,
+)
 from bnexport.folding.program_state import ProgramState
 from bnexport.folding.sites import (
     BatchNormCall,
@@ -179,22 +187,9 @@ class IntoPreceding:
             tr = _track(chain, initial(out_channels, layer.out_axis))
         except NotTransparent as exc:
             return self._refuse(f"an op between {layer.name} and the BN does not commute: {exc}")
-        if tr.axis != 1:
-            return self._refuse(
-                f"the BN normalizes axis 1 but the channels of {layer.name} arrive on "
-                f"axis {tr.axis}"
-            )
-        flat = tr.labels.ravel()
-        if tr.labels.shape[0] != bn.channels or not np.array_equal(
-            np.sort(flat), np.arange(out_channels)
-        ):
-            return self._refuse(
-                f"a reshape between {layer.name} and the BN spreads a layer channel over "
-                "several BN channels"
-            )
-        # row c of the labels lists the layer channels that BN channel c normalizes
-        channel_of = np.empty(out_channels, dtype=np.int64)
-        channel_of[flat] = np.repeat(np.arange(tr.labels.shape[0]), tr.labels.shape[1])
+        channel_of = preceding_channel_of(tr, out_channels, bn.channels)
+        if isinstance(channel_of, str):
+            return self._refuse(channel_of.replace("the layer", layer.name))
         return FoldPlan(PRECEDING, bn, layer, channel_of)
 
     def _refuse(self, reason: str) -> Refusal:
@@ -243,17 +238,10 @@ class IntoFollowing:
             tr = _track(chain, initial(bn.channels, 1))
         except NotTransparent as exc:
             return self._refuse(f"an op between the BN and {layer.name} does not commute: {exc}")
-        if tr.axis != layer.in_axis:
-            return self._refuse(
-                f"the BN channels reach {layer.name} on axis {tr.axis}, not on its input "
-                f"channel axis {layer.in_axis}"
-            )
-        if tr.labels.shape[1] != 1:
-            return self._refuse(
-                f"a reshape between the BN and {layer.name} mixes several BN channels into "
-                "one input channel"
-            )
-        return FoldPlan(FOLLOWING, bn, layer, tr.labels[:, 0].copy())
+        channel_of = following_channel_of(tr, layer.in_axis)
+        if isinstance(channel_of, str):
+            return self._refuse(channel_of.replace("the layer", layer.name))
+        return FoldPlan(FOLLOWING, bn, layer, channel_of)
 
     def _refuse(self, reason: str) -> Refusal:
         return Refusal(FOLLOWING, reason)

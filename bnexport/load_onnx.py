@@ -1,0 +1,175 @@
+"""Loading an ONNX file as a `Source`: the model (onnx_ir, external weights read on use), its
+input specs, and onnxruntime on the original file as the reference.
+
+The reference runs with graph optimizations disabled, as does the verification of the folded
+file, so that the comparison tests the graphs themselves and not onnxruntime's own fusions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnexport.errors import BadInputError, summarize_exception
+from bnexport.inputs import InputSpec, parse_shape
+
+ONNX = "ONNX model"
+
+
+class OnnxReference:
+    """onnxruntime on the original ONNX file (no graph optimizations), called like a model;
+    returns the outputs under their graph names. The session is created on first call."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._runner = None
+
+    def _session(self):
+        if self._runner is None:
+            from bnexport.verify import OnnxRunner
+
+            try:
+                self._runner = OnnxRunner(self.path, optimize=False)
+            except Exception as exc:  # noqa: BLE001 - the user's file cannot run here
+                raise BadInputError(
+                    f"onnxruntime cannot load '{self.path}' ({summarize_exception(exc, 400)}). "
+                    "bnexport verifies every fold in onnxruntime, so the model must run there: "
+                    "an op or domain it names above needs a newer onnxruntime or a custom-op "
+                    "library, or the file is not a valid model."
+                ) from None
+        return self._runner
+
+    def __call__(self, *args):
+        from bnexport.verify import Outputs
+
+        runner = self._session()
+        names = [o.name for o in runner.session.get_outputs()]
+        return Outputs(names, list(runner(*args)))
+
+
+def _dtype(value) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=value.dtype.numpy())).dtype
+    except Exception:  # noqa: BLE001 - bfloat16, strings, float8 ...
+        raise BadInputError(
+            f"The ONNX input '{value.name}' has type {value.dtype}, which bnexport cannot feed "
+            "from numpy. Export the model with float, integer or bool inputs."
+        ) from None
+
+
+def load_onnx(path: Path):
+    """Read an ONNX file (weights in external data stay on disk until used) as a Source."""
+    import onnx_ir as ir
+
+    from bnexport.load import Source
+
+    try:
+        model = ir.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a broken file
+        raise BadInputError(
+            f"'{path}' is not a readable ONNX model ({summarize_exception(exc, 200)}). The file "
+            "may be truncated or corrupt: export or download it again."
+        ) from None
+    missing = sorted(
+        {
+            str(Path(t.base_dir) / t.location)
+            for v in model.graph.initializers.values()
+            if isinstance(t := v.const_value, ir.ExternalTensor)
+            and not (Path(t.base_dir) / t.location).is_file()
+        }
+    )
+    if missing:
+        raise BadInputError(
+            f"The ONNX model '{path}' keeps its weights in external data, but {missing[0]} "
+            "does not exist. Keep the .data file(s) next to the .onnx file, under the name the "
+            "model records, and try again."
+        )
+    return Source(model, ONNX, str(path), onnx_input_specs(model))
+
+
+def onnx_input_specs(model) -> list[InputSpec]:
+    """The graph inputs (initializers excluded), with -1 for a dim still unknown.
+
+    A symbolic axis 0 is the batch axis; beside it, an input with a fixed axis 0 is unbatched.
+    """
+    initializers = set(model.graph.initializers)
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in initializers:
+            continue
+        dims = value.shape.dims if value.shape is not None else None
+        if dims is None:
+            raise BadInputError(
+                f"The ONNX input '{value.name}' has no shape in the file. Give it with "
+                f"--input-shape {value.name}=DIMS (batch first, for example 1,3,224,224)."
+            )
+        shape = tuple(d if isinstance(d, int) else -1 for d in dims)
+        dynamic = bool(shape) and shape[0] == -1
+        shape = (1, *shape[1:]) if dynamic else shape
+        specs.append(InputSpec(value.name, shape, _dtype(value), dynamic_batch=dynamic))
+    if any(s.dynamic_batch for s in specs):
+        specs = [s if s.dynamic_batch else replace(s, batched=False) for s in specs]
+    return specs
+
+
+def resolve_onnx_specs(
+    specs: list[InputSpec], shapes: list[str], data_shapes: dict[str, tuple] | None = None
+) -> list[InputSpec]:
+    """Fill every dim the file leaves open: from --input-shape (NAME=DIMS, or one per input in
+    order) or from the data's arrays; refuse a shape that contradicts a fixed dim."""
+    by_name = {s.name: s for s in specs}
+    given: dict[str, tuple[int, ...]] = {}
+    for i, text in enumerate(shapes):
+        name, sep, dims = text.partition("=")
+        if not sep:
+            if i >= len(specs):
+                raise BadInputError(
+                    f"{len(shapes)} --input-shape flags were given but the model has "
+                    f"{len(specs)} input(s): {', '.join(by_name)}."
+                )
+            name, dims = specs[i].name, text
+        if name not in by_name:
+            raise BadInputError(
+                f"--input-shape names '{name}', which is not an input of the model (its inputs: "
+                f"{', '.join(by_name)})."
+            )
+        given[name] = parse_shape(dims)
+    resolved = []
+    for spec in specs:
+        shape = given.get(spec.name)
+        if shape is None and data_shapes and spec.name in data_shapes:
+            shape = (spec.shape[0], *data_shapes[spec.name][1:])
+        if shape is None:
+            shape = spec.shape
+        elif len(shape) != len(spec.shape) or any(
+            d != -1 and d != g and not (i == 0 and spec.dynamic_batch)
+            for i, (d, g) in enumerate(zip(spec.shape, shape))
+        ):
+            expected = ", ".join("?" if d == -1 else str(d) for d in spec.shape)
+            raise BadInputError(
+                f"The shape {shape} does not fit ONNX input '{spec.name}', which the file "
+                f"declares as ({expected}). Give a shape with the declared fixed dims."
+            )
+        if any(d == -1 for d in shape):
+            expected = ", ".join("?" if d == -1 else str(d) for d in spec.shape)
+            raise BadInputError(
+                f"The ONNX input '{spec.name}' has dims the file leaves open ({expected}), so "
+                f"no test input can be made for it. Give them with --input-shape "
+                f"{spec.name}=DIMS (batch first), or pass --data with arrays of that input."
+            )
+        resolved.append(replace(spec, shape=tuple(shape)))
+    return resolved
+
+
+def npz_shapes(path: Path | None) -> dict[str, tuple] | None:
+    """The shapes of the arrays in an .npz file (without reading their data), or None."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False, mmap_mode="r") as npz:
+            return {k: tuple(npz[k].shape) for k in npz.files}
+    except Exception:  # noqa: BLE001 - load_npz reports an unreadable file later
+        return None
