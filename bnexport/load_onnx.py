@@ -73,6 +73,11 @@ def load_onnx(path: Path):
             f"'{path}' is not a readable ONNX model ({summarize_exception(exc, 200)}). The file "
             "may be truncated or corrupt: export or download it again."
         ) from None
+    if not model.graph.outputs:
+        raise BadInputError(
+            f"'{path}' is an ONNX file without a graph (no outputs). It may be truncated or "
+            "only a header: export or download the model again."
+        )
     missing = sorted(
         {
             str(Path(t.base_dir) / t.location)

@@ -85,7 +85,7 @@ def test_garbage_inside_a_torch_archive(workdir):
     [
         ("empty.pt", b"", "empty"),
         ("notes.pt", b"just some text\n", "text file"),
-        ("model.onnx", b"\x08\x08\x12\x07pytorch", "ONNX model"),
+        ("model.onnx", b"\x08\x08\x12\x07pytorch", "ONNX file without a graph"),
         ("noise.bin", bytes(range(200, 256)) * 4, "unknown format"),
     ],
 )

@@ -188,16 +188,18 @@ def _rewire(plan: OnnxFoldPlan, g: OnnxGraph) -> None:
     """Take the BN node out of the graph: its consumers read its input instead."""
     bn = plan.bn.node
     x, y = bn.inputs[0], bn.outputs[0]
+    params = list(bn.inputs[1:])  # removing the node detaches its inputs
     if y.is_graph_output():
         # the model's output keeps its name: the BN's input value takes it over
-        name = y.name
+        name, declared_type, declared_shape = y.name, y.type, y.shape
         ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
         g.graph.remove(bn, safe=True)
         x.name = name
+        x.type, x.shape = declared_type or x.type, declared_shape or x.shape
     else:
         ir.convenience.replace_all_uses_with(y, x)
         g.graph.remove(bn, safe=True)
-    for value in bn.inputs[1:]:
+    for value in params:
         _drop_if_unused(value, g)
 
 
@@ -293,7 +295,8 @@ def _write_bias(layer: LayerSite, bias: np.ndarray, dtype: np.dtype, g: OnnxGrap
     add = ir.Node("", "Add", [out, value], name=g.fresh_name(f"{node_name(node)}_bias_add"))
     result = add.outputs[0]
     result.name = g.fresh_name(f"{out.name}_biased")
-    result.dtype, result.shape = out.dtype, out.shape
+    if out.type is not None:
+        result.type, result.shape = out.type, out.shape
     g.graph.insert_after(node, add)
     for use in users:
         use.node.replace_input_with(use.idx, result)

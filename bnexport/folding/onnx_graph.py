@@ -155,6 +155,7 @@ def _structure_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto whose large initializers are typed graph inputs without data."""
     graph = model.graph
     held: dict[str, ir.TensorProtocol] = {}
+    declared = {v.name: (v.type, v.shape) for v in graph.initializers.values()}
     extra_inputs = []
     for value in graph.initializers.values():
         tensor = value.const_value
@@ -186,3 +187,4 @@ def _structure_proto(model: ir.Model) -> onnx.ModelProto:
         graph.initializers.clear()
         for name in order:
             graph.initializers.add(saved[name])
+            saved[name].type, saved[name].shape = declared[name]

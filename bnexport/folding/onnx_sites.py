@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import sympy
 
 from bnexport.folding.channels import NotTransparent, Tracked, track_permute, track_reduce
 from bnexport.folding.channels import track_reshape as _track_reshape
@@ -81,7 +82,9 @@ def match_batchnorm(node: ir.Node, g: OnnxGraph) -> BatchNormSite | str:
         return "its parameters are not vectors of one length"
     channels = int(params["mean"].shape[0])
     x_shape = g.shape(node.inputs[0])
-    if x_shape is not None and (len(x_shape) < 2 or x_shape[1] != channels):
+    if x_shape is not None and (
+        len(x_shape) < 2 or (x_shape[1].is_Integer and int(x_shape[1]) != channels)
+    ):
         return f"its input does not carry {channels} channels on axis 1"
     return BatchNormSite(
         node,
@@ -196,6 +199,23 @@ def _ints_input(node: ir.Node, index: int, g: OnnxGraph) -> list[int] | None:
     return None if array is None else [int(v) for v in np.asarray(array).ravel()]
 
 
+def _reshape_target(node: ir.Node, src: tuple, dst: tuple, g: OnnxGraph) -> tuple:
+    """A Reshape's output dims from its constant target (0 copies an input dim unless
+    allowzero, -1 takes the rest), as exact as the input's; the inferred `dst` otherwise."""
+    target = _ints_input(node, 1, g)
+    if target is None or len(target) != len(dst):
+        return dst
+    allowzero = int(attr(node, "allowzero", 0))
+    dims = [
+        src[i] if d == 0 and not allowzero and i < len(src) else sympy.Integer(d)
+        for i, d in enumerate(target)
+    ]
+    if -1 in target:
+        rest = sympy.Mul(*[d for d, t in zip(dims, target) if t != -1])
+        dims[target.index(-1)] = sympy.simplify(sympy.Mul(*src) / rest)
+    return tuple(dims)
+
+
 def is_transparent(node: ir.Node) -> bool:
     return is_onnx_op(node, *TRANSPARENT_OPS)
 
@@ -219,7 +239,9 @@ def step(node: ir.Node, tr: Tracked, g: OnnxGraph) -> Tracked:
             "be proven"
         )
     ndim = len(src)
-    if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
+    if op == "Reshape":
+        return _track_reshape(src, _reshape_target(node, src, dst, g), tr)
+    if op in ("Flatten", "Squeeze", "Unsqueeze"):
         return _track_reshape(src, dst, tr)
     if op == "Transpose":
         perm = attr(node, "perm", None) or list(reversed(range(ndim)))

@@ -1,0 +1,330 @@
+"""The ONNX engine on hand-built graphs: every pattern folds exactly, every refusal says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.onnx_builders import GraphBuilder, bn_count, fold_proto, max_rel_diff, run
+
+X4 = ("x", ["N", 4, 6, 6])
+
+
+def _check(model, feeds, *, folded: int, tol: float = 1e-5):
+    out, report = fold_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert len(report.folded) == folded, [(d.name, d.reason) for d in report.decisions]
+    assert bn_count(out) == bn_count(model) - folded == len(report.left)
+    assert max_rel_diff(run(model, feeds), run(out, feeds)) <= tol
+    return out, report
+
+
+def _x(*shape, seed=1, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# --------------------------------------------------------------------------- into preceding
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"pads": [1, 1, 1, 1]},
+        {"strides": [2, 2], "dilations": [2, 2], "pads": [2, 1, 0, 2]},
+        {"group": 2},
+        {"group": 4, "auto_pad": "SAME_UPPER"},
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_bn(attrs, bias):
+    b = GraphBuilder()
+    groups = attrs.get("group", 1)
+    inputs = ["x", b.weight(8, 4 // groups, 3, 3)] + ([b.weight(8)] if bias else [])
+    y = b.bn(b.node("Conv", inputs, kernel_shape=[3, 3], **attrs), 8)
+    model = b.model([X4], [y])
+    out, report = _check(model, {"x": _x(2, 4, 6, 6)}, folded=1)
+    d = report.folded[0]
+    assert (d.direction, d.kind) == ("preceding", "BatchNormalization")
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    assert out.graph.output[0].name == y  # the model's output keeps its name
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv_1d_and_3d(dims):
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(5, 4, *[3] * dims)], pads=[1] * 2 * dims), 5)
+    model = b.model([("x", [2, 4, *[5] * dims])], [y])
+    _check(model, {"x": _x(2, 4, *[5] * dims)}, folded=1)
+
+
+@pytest.mark.parametrize(
+    "attrs", [{}, {"group": 2}, {"strides": [2, 2], "output_padding": [1, 1]}, {"pads": [1] * 4}]
+)
+def test_conv_transpose_bn(attrs):
+    b = GraphBuilder()
+    groups = attrs.get("group", 1)
+    y = b.bn(b.node("ConvTranspose", ["x", b.weight(4, 6 // groups, 3, 3)], **attrs), 6)
+    _check(b.model([X4], [y]), {"x": _x(1, 4, 6, 6)}, folded=1)
+
+
+def test_conv_transpose_output_shape():
+    b = GraphBuilder()
+    t = b.node("ConvTranspose", ["x", b.weight(4, 6, 3, 3)], strides=[2, 2], output_shape=[12, 12])
+    y = b.bn(t, 6)
+    _check(b.model([X4], [y]), {"x": _x(1, 4, 6, 6)}, folded=1)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias_shape", [None, (7,), (1, 7), ()])
+def test_gemm_bn(trans_b, bias_shape):
+    b = GraphBuilder()
+    w = b.weight(*((7, 5) if trans_b else (5, 7)))
+    inputs = ["x", w] + ([b.const(_x(*bias_shape, seed=3))] if bias_shape is not None else [])
+    y = b.bn(b.node("Gemm", inputs, transB=trans_b, alpha=0.7, beta=1.3), 7)
+    _check(b.model([("x", ["N", 5])], [y]), {"x": _x(3, 5)}, folded=1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_bn_through_transpose(with_bias):
+    """(B, T, K) @ (K, N) [+ b] -> Transpose(0, 2, 1) -> BN over N: the transformer/TF layout."""
+    b = GraphBuilder()
+    y = b.node("MatMul", ["x", b.weight(5, 6)])
+    if with_bias:
+        y = b.node("Add", [y, b.weight(6)])
+    y = b.bn(b.node("Transpose", [y], perm=[0, 2, 1]), 6)
+    model = b.model([("x", ["N", 3, 5])], [y])
+    out, _ = _check(model, {"x": _x(2, 3, 5)}, folded=1)
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Add", "Transpose"]
+
+
+def test_gemm_reshape_bn2d():
+    """Linear -> Reshape(N, C, H, W) -> BN2d: each BN channel normalizes H*W linear outputs."""
+    b = GraphBuilder()
+    g = b.node("Gemm", ["x", b.weight(24, 5), b.weight(24)], transB=1)
+    r = b.node("Reshape", [g, b.const(np.array([-1, 6, 2, 2], dtype=np.int64))])
+    y = b.bn(r, 6)
+    _check(b.model([("x", ["N", 5])], [y]), {"x": _x(3, 5)}, folded=1)
+
+
+def test_through_identity_dropout_and_unsqueeze():
+    b = GraphBuilder()
+    g = b.node("Gemm", ["x", b.weight(6, 5)], transB=1)
+    g = b.node("Identity", [g])
+    g = b.node("Dropout", [g])
+    g = b.node("Unsqueeze", [g, b.const(np.array([2], dtype=np.int64))])
+    y = b.bn(g, 6)
+    _check(b.model([("x", ["N", 5])], [y]), {"x": _x(3, 5)}, folded=1)
+
+
+def test_conv_weight_from_constant_node():
+    b = GraphBuilder()
+    w = b.node("Constant", [], value=onnx.numpy_helper.from_array(_x(3, 4, 1, 1), "k"))
+    y = b.bn(b.node("Conv", ["x", w]), 3)
+    out, _ = _check(b.model([X4], [y]), {"x": _x(1, 4, 6, 6)}, folded=1)
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+
+
+# --------------------------------------------------------------------------- into following
+
+
+def test_bn_flatten_gemm():
+    """BN2d -> Flatten -> Gemm: each BN channel feeds H*W input features."""
+    b = GraphBuilder()
+    f = b.node("Flatten", [b.bn("x", 4)], axis=1)
+    y = b.node("Gemm", [f, b.weight(3, 4 * 36), b.weight(3)], transB=1)
+    out, report = _check(b.model([X4], [y]), {"x": _x(2, 4, 6, 6)}, folded=1)
+    assert report.folded[0].direction == "following"
+
+
+def test_bn_gap_gemm_and_bn_matmul_without_bias():
+    b = GraphBuilder()
+    g = b.node("GlobalAveragePool", [b.bn("x", 4)])
+    g = b.node("Flatten", [g])
+    y = b.node("MatMul", [g, b.weight(4, 3)])
+    model = b.model([X4], [y])
+    out, _ = _check(model, {"x": _x(2, 4, 6, 6)}, folded=1)
+    assert [n.op_type for n in out.graph.node] == ["GlobalAveragePool", "Flatten", "MatMul", "Add"]
+    assert out.graph.output[0].name == y
+
+
+def test_bn_reducemean_matmul_add():
+    b = GraphBuilder()
+    m = b.node("ReduceMean", [b.bn("x", 4), b.const(np.array([2, 3], dtype=np.int64))], keepdims=0)
+    y = b.node("Add", [b.node("MatMul", [m, b.weight(4, 3)]), b.weight(3)])
+    out, _ = _check(b.model([X4], [y]), {"x": _x(2, 4, 6, 6)}, folded=1)
+    assert [n.op_type for n in out.graph.node] == ["ReduceMean", "MatMul", "Add"]
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+def test_bn_gemm_trans_a(trans_a):
+    b = GraphBuilder()
+    x = b.bn("x", 5)
+    if trans_a:
+        x = b.node("Transpose", [x], perm=[1, 0])
+    y = b.node("Gemm", [x, b.weight(5, 3)], transA=trans_a, alpha=1.5, beta=0.5)
+    _check(b.model([("x", ["N", 5])], [y]), {"x": _x(4, 5)}, folded=1)
+
+
+@pytest.mark.parametrize("attrs", [{}, {"group": 2}, {"strides": [2, 2], "dilations": [2, 2]}])
+def test_bn_unpadded_conv(attrs):
+    b = GraphBuilder()
+    groups = attrs.get("group", 1)
+    y = b.node("Conv", [b.bn("x", 4), b.weight(6, 4 // groups, 3, 3)], **attrs)
+    _check(b.model([X4], [y]), {"x": _x(2, 4, 6, 6)}, folded=1)
+
+
+def test_both_directions_into_one_layer():
+    """BN -> Gemm -> BN: both fold into the one Gemm (float64, cast once)."""
+    b = GraphBuilder()
+    y = b.bn(b.node("Gemm", [b.bn("x", 5), b.weight(6, 5), b.weight(6)], transB=1), 6)
+    out, report = _check(b.model([("x", ["N", 5])], [y]), {"x": _x(4, 5)}, folded=2)
+    assert {d.into for d in report.folded} == {out.graph.node[0].name}
+
+
+def test_float16_graph_keeps_its_dtype():
+    b = GraphBuilder(dtype=np.float16)
+    c = b.node("Conv", ["x", b.weight(6, 4, 3, 3), b.weight(6)], pads=[1] * 4)
+    y = b.node("Gemm", [b.node("Flatten", [b.bn(c, 6)]), b.weight(3, 216)], transB=1)
+    model = b.model([X4], [y], elem=TensorProto.FLOAT16)
+    out, _ = _check(model, {"x": _x(2, 4, 6, 6, dtype=np.float16)}, folded=1, tol=3e-3)
+    assert {i.data_type for i in out.graph.initializer} == {TensorProto.FLOAT16}
+
+
+@pytest.mark.parametrize("opset", [7, 9, 14])
+def test_older_opsets(opset):
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(5, 4, 1, 1)]), 5)
+    _check(b.model([X4], [y], opset=opset), {"x": _x(2, 4, 6, 6)}, folded=1)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _left_reason(model) -> str:
+    out, report = fold_proto(model)
+    assert bn_count(out) == bn_count(model), "nothing may fold"
+    assert len(report.left) == bn_count(model)
+    return report.left[0].reason
+
+
+def test_refuses_graph_input_parameters():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
+    b.nodes.append(
+        helper.make_node(
+            "BatchNormalization",
+            [c, "gamma", b.weight(4), b.weight(4), b.const(np.ones(4, np.float32))],
+            ["y"],
+        )
+    )
+    model = b.model([X4, ("gamma", [4])], ["y"])
+    assert "'gamma' is a graph input" in _left_reason(model)
+
+
+def test_refuses_computed_parameters():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
+    var = b.node("Abs", [b.weight(4)])
+    b.nodes.append(
+        helper.make_node(
+            "BatchNormalization", [c, b.weight(4), b.weight(4), b.weight(4), var], ["y"]
+        )
+    )
+    assert "computed by the graph" in _left_reason(b.model([X4], ["y"]))
+
+
+def test_refuses_training_mode():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
+    y = b.bn(c, 4, training_mode=1)
+    assert "training_mode=1" in _left_reason(b.model([X4], [y]))
+
+
+def test_refuses_spatial_0():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
+    y = b.bn(c, 4, spatial=0)
+    # spatial=0 with per-channel parameters is still valid in opset 7
+    assert "spatial=0" in _left_reason(b.model([X4], [y], opset=7))
+
+
+def test_refuses_layer_output_with_other_consumers():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
+    y = b.node("Add", [b.bn(c, 4), c])
+    reason = _left_reason(b.model([X4], [y]))
+    assert "also used by Add" in reason
+
+
+def test_refuses_zero_padded_following_conv():
+    b = GraphBuilder()
+    y = b.node("Conv", [b.bn("x", 4), b.weight(4, 4, 3, 3)], pads=[1] * 4)
+    reason = _left_reason(b.model([X4], [y]))
+    assert "pads with zeros" in reason and "model input 'x'" in reason
+
+
+def test_refuses_nonlinear_between():
+    b = GraphBuilder()
+    c = b.node("Relu", [b.node("Conv", ["x", b.weight(4, 4, 1, 1)])])
+    y = b.node("MaxPool", [b.bn(c, 4)], kernel_shape=[2, 2])
+    reason = _left_reason(b.model([X4], [y]))
+    assert "Relu" in reason and "MaxPool" in reason
+
+
+def test_refuses_reshape_that_mixes_channels():
+    b = GraphBuilder()
+    g = b.node("Gemm", ["x", b.weight(8, 5)], transB=1)
+    r = b.node("Reshape", [g, b.const(np.array([-1, 4, 2], dtype=np.int64))])
+    t = b.node("Transpose", [r], perm=[0, 2, 1])  # channels of the BN are the "2" axis
+    y = b.bn(t, 2)
+    reason = _left_reason(b.model([("x", ["N", 5])], [y]))
+    assert "spreads a layer channel" in reason or "axis" in reason
+
+
+def test_refuses_unknown_reshape_target():
+    b = GraphBuilder()
+    g = b.node("Gemm", ["x", b.weight(8, 5)], transB=1)
+    r = b.node("Reshape", [g, "shape"])
+    y = b.bn(r, 8)
+    model = b.model([("x", ["N", 5]), ("shape", [4])], [y])
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.INT64
+    reason = _left_reason(model)
+    assert "cannot be proven" in reason or "reshapes" in reason
+
+
+def test_refuses_shared_weight():
+    b = GraphBuilder()
+    w = b.weight(4, 4, 1, 1)
+    c1 = b.node("Conv", ["x", w])
+    c2 = b.node("Conv", [b.bn(c1, 4), w])
+    y = b.node("Relu", [c2])
+    reason = _left_reason(b.model([X4], [y]))
+    assert f"initializer '{w}'" in reason and "shared" in reason
+
+
+def test_bn_in_if_branch_is_left_with_reason():
+    b = GraphBuilder()
+    inner = GraphBuilder(seed=5)
+    inner.count = 100
+    by = inner.bn("x", 4)
+    branch = helper.make_graph(
+        inner.nodes,
+        "then_body",
+        [],
+        [helper.make_tensor_value_info(by, TensorProto.FLOAT, None)],
+        inner.inits,
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["xo"])],
+        "else_body",
+        [],
+        [helper.make_tensor_value_info("xo", TensorProto.FLOAT, None)],
+    )
+    y = b.node("If", ["cond"], then_branch=branch, else_branch=other)
+    model = b.model([X4, ("cond", [])], [y])
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.BOOL
+    out, report = fold_proto(model)
+    assert len(report.left) == 1 and "then_body" in report.left[0].reason
