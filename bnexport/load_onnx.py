@@ -17,6 +17,7 @@ from bnexport.errors import BadInputError, summarize_exception
 from bnexport.inputs import InputSpec, parse_shape
 
 ONNX = "ONNX model"
+DECLARED_VALUE_INFO = "bnexport_declared_value_info"
 
 
 class OnnxReference:
@@ -67,7 +68,16 @@ def load_onnx(path: Path):
     from bnexport.load import Source
 
     try:
-        model = ir.load(str(path))
+        # as ir.load does (external data stays on disk), keeping the names of the file's own
+        # value_info so that writing it back adds none
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        declared = {info.name for info in proto.graph.value_info}
+        model = ir.serde.deserialize_model(proto)
+        del proto
+        ir.external_data.set_base_dir(model.graph, str(Path(path).parent))
+        model.graph.meta[DECLARED_VALUE_INFO] = declared
     except Exception as exc:  # noqa: BLE001 - any parse failure is a broken file
         raise BadInputError(
             f"'{path}' is not a readable ONNX model ({summarize_exception(exc, 200)}). The file "
@@ -93,6 +103,17 @@ def load_onnx(path: Path):
             "model records, and try again."
         )
     return Source(model, ONNX, str(path), onnx_input_specs(model))
+
+
+def keep_declared_value_info(model) -> None:
+    """Clear the types that reading gave initializers the file did not declare in its
+    value_info, so that the written file carries the value_info it came with."""
+    declared = model.graph.meta.get(DECLARED_VALUE_INFO)
+    if declared is None:
+        return
+    for value in model.graph.initializers.values():
+        if value.name not in declared and not value.is_graph_input():
+            value.type, value.shape = None, None
 
 
 def onnx_input_specs(model) -> list[InputSpec]:

@@ -325,6 +325,7 @@ def _fold_onnx_file(
     reference outputs."""
     from bnexport.export import has_external_data, save_onnx_model
     from bnexport.folding.onnx_engine import fold_onnx_model
+    from bnexport.load_onnx import keep_declared_value_info
     from bnexport.render import onnx_metadata
 
     if opts.save_folded is not None:
@@ -340,6 +341,7 @@ def _fold_onnx_file(
     report.fold = fold_onnx_model(model)
     report.warnings += report.fold.warnings
     progress("writing the folded ONNX file")
+    keep_declared_value_info(model)
     external = opts.external_data
     if external is None and has_external_data(model):
         external = True  # written back the way it came
