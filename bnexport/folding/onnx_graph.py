@@ -9,6 +9,7 @@ import onnx_ir as ir
 import sympy
 
 ONNX_DOMAINS = ("", "ai.onnx")
+SHAPE_READERS = ("Shape", "Size")
 _SMALL_INITIALIZER = 1024  # bytes; larger ones are left out of the shape-inference copy
 
 
@@ -56,10 +57,11 @@ class OnnxGraph:
         return f"its {what} '{value.name}' is computed by the graph, not a constant"
 
     def consumers(self, value: ir.Value) -> list[ir.Node]:
-        """The distinct nodes that read `value` (in any graph, subgraphs included)."""
+        """The distinct nodes that read the data of `value` (in any graph, subgraphs
+        included); Shape and Size read only its shape, which no fold changes."""
         seen: list[ir.Node] = []
         for use in value.uses():
-            if use.node not in seen:
+            if use.node not in seen and not is_onnx_op(use.node, *SHAPE_READERS):
                 seen.append(use.node)
         return seen
 
