@@ -8,6 +8,7 @@ Python API (each name is imported on first use, so `import bnexport` stays cheap
     export_onnx(result, "model.onnx")         # atomic write, onnx.checker, metadata
     verify_onnx(model, "model.onnx", [example_inputs]).passed
     run_fold(RunOptions(model="model.pt2"))   # everything `bnexport fold` does
+    folded, report = fold_onnx("model.onnx")  # an ONNX file's BNs, folded (a ModelProto)
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _PUBLIC = {
     "RunReport": "bnexport.report",
     "FoldResult": "bnexport.folding",
     "fold": "bnexport.folding",
+    "fold_onnx": "bnexport.folding.onnx_engine",
+    "fold_onnx_model": "bnexport.folding.onnx_engine",
     "OnnxInfo": "bnexport.export",
     "export_onnx": "bnexport.export",
     "export_program": "bnexport.export",

@@ -328,3 +328,17 @@ def test_bn_in_if_branch_is_left_with_reason():
     model.graph.input[1].type.tensor_type.elem_type = TensorProto.BOOL
     out, report = fold_proto(model)
     assert len(report.left) == 1 and "then_body" in report.left[0].reason
+
+
+def test_public_fold_onnx_leaves_its_input_untouched(tmp_path):
+    import bnexport
+
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(5, 4, 1, 1)]), 5)
+    model = b.model([X4], [y])
+    before = model.SerializeToString()
+    folded, report = bnexport.fold_onnx(model)
+    assert model.SerializeToString() == before and bn_count(folded) == 0
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    folded, report = bnexport.fold_onnx(tmp_path / "m.onnx")
+    assert len(report.folded) == 1 and bn_count(folded) == 0

@@ -19,9 +19,11 @@ their reason.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -414,3 +416,17 @@ def fold_onnx_model(model: ir.Model) -> FoldReport:
             FoldDecision(name=node_name(node), kind=KIND, status=LEFT, reason=reason)
         )
     return report
+
+
+def fold_onnx(model) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold an ONNX model given as a path or an onnx.ModelProto; return the folded
+    ModelProto and the report. The input (file or proto) is left unchanged; weights stored as
+    external data are read from next to the file."""
+    if isinstance(model, (str, os.PathLike)):
+        ir_model = ir.load(os.fspath(model))
+    elif isinstance(model, onnx.ModelProto):
+        ir_model = ir.serde.deserialize_model(model)  # folds write new tensors, never into these
+    else:
+        raise TypeError(f"fold_onnx() takes a path or an onnx.ModelProto, not {type(model)}")
+    report = fold_onnx_model(ir_model)
+    return ir.serde.serialize_model(ir_model), report
