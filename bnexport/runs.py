@@ -76,9 +76,14 @@ def default_output(model: Path) -> Path:
 
 
 def companion_data(model: Path) -> Path | None:
-    """`MODEL_test.npz` next to MODEL: held-out data used when --data is not given."""
-    candidate = Path(model).with_name(Path(model).stem + "_test.npz")
-    return candidate if candidate.is_file() else None
+    """Held-out data next to MODEL, used when --data is not given: `MODEL_test.npz`, or for a
+    name with several suffixes (`NAME.unfolded.onnx`) `NAME_test.npz`."""
+    model = Path(model)
+    for stem in dict.fromkeys((model.stem, model.name.split(".")[0])):
+        candidate = model.with_name(stem + "_test.npz")
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @dataclass

@@ -19,7 +19,10 @@ def _section(title: str) -> str:
 
 
 def _workdir(tmp_path: Path) -> Path:
-    shutil.copytree(ROOT / "models", tmp_path / "models", ignore=shutil.ignore_patterns("*.onnx"))
+    def generated(_: str, names: list[str]) -> list[str]:
+        return [n for n in names if n.endswith(".onnx") and not n.endswith(".unfolded.onnx")]
+
+    shutil.copytree(ROOT / "models", tmp_path / "models", ignore=generated)
     return tmp_path
 
 
