@@ -11,6 +11,8 @@ whose result does not run, shows `error: <short message>`; "drops input W" marks
 that no longer has a graph input the original had (an initializer-backed, overridable input
 folded away).
 
+The last column is bnexport's ONNX engine (`bnexport.fold_onnx`).
+
 Peers: onnxoptimizer (pass `fuse_bn_into_conv` only), onnxslim (`slim`), onnxsim (`simplify` with
 its default optimizations and constant folding), onnxscript's optimizer
 (`onnxscript.optimizer.optimize`: constant folding plus the default rewrite rules) and
@@ -77,6 +79,12 @@ def _onnxscript_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxscript import rewriter
 
     return rewriter.rewrite(model)
+
+
+def _bnexport(model: onnx.ModelProto) -> onnx.ModelProto:
+    from bnexport import fold_onnx
+
+    return fold_onnx(model)[0]
 
 
 PEERS: dict[str, Peer] = {
@@ -210,7 +218,7 @@ def _cell(result: Result) -> str:
 
 def main(extra_peers: Mapping[str, Peer] | None = None, words: list[str] | None = None) -> None:
     ort.set_default_logger_severity(3)
-    peers = {**PEERS, **(extra_peers or {})}
+    peers = {**PEERS, "bnexport": _bnexport, **(extra_peers or {})}
     header = ["case", "BN before", *peers]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
