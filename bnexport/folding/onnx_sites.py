@@ -163,7 +163,9 @@ def match_layer(node: ir.Node, g: OnnxGraph, *, with_bias_add: bool = True) -> L
     if add is not None and is_onnx_op(add, "Add") and len(add.inputs) == 2:
         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
         b = g.constant(other)
-        if b is not None and _is_channel_bias(b, w.shape[1]) and other is not out:
+        # a bias of higher rank than the product would move the channels to another axis
+        fits = b is not None and b.ndim <= len(a_shape) and _is_channel_bias(b, w.shape[1])
+        if fits and other is not out:
             site.bias, site.bias_add, site.output = other, add, add.outputs[0]
     return site
 
