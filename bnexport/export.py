@@ -145,8 +145,10 @@ def save_onnx_model(
     external_data: bool | None = None,
     threshold: int = EXTERNAL_DATA_THRESHOLD,
     before_commit: Callable[[], None] | None = None,
+    check: bool = True,
 ) -> OnnxInfo:
-    """Write an onnx_ir model to `path` atomically, checked by onnx.checker first.
+    """Write an onnx_ir model to `path` atomically, checked by onnx.checker first (unless
+    `check` is False: for a model whose own source file does not pass the checker).
 
     Metadata keys are set, not appended, so a model that already carries them stays valid.
     `external_data=None` chooses external data when the weights exceed `threshold` bytes; a
@@ -175,7 +177,8 @@ def save_onnx_model(
                 "--no-external-data)."
             ) from exc
         try:
-            onnx.checker.check_model(str(tmp))
+            if check:
+                onnx.checker.check_model(str(tmp))
         except Exception as exc:  # noqa: BLE001
             raise ExportError(
                 f"The exported ONNX model fails onnx.checker ({summarize_exception(exc)}); "

@@ -105,6 +105,17 @@ def load_onnx(path: Path):
     return Source(model, ONNX, str(path), onnx_input_specs(model))
 
 
+def onnx_checker_error(path: Path) -> str | None:
+    """What onnx.checker finds wrong with the file at `path`, or None when it passes."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - the message is the answer
+        return summarize_exception(exc, 200)
+    return None
+
+
 def keep_declared_value_info(model) -> None:
     """Clear the types that reading gave initializers the file did not declare in its
     value_info, so that the written file carries the value_info it came with."""

@@ -330,7 +330,7 @@ def _fold_onnx_file(
     reference outputs."""
     from bnexport.export import has_external_data, save_onnx_model
     from bnexport.folding.onnx_engine import fold_onnx_model
-    from bnexport.load_onnx import keep_declared_value_info
+    from bnexport.load_onnx import keep_declared_value_info, onnx_checker_error
     from bnexport.render import onnx_metadata
 
     if opts.save_folded is not None:
@@ -339,6 +339,12 @@ def _fold_onnx_file(
             "have; the folded ONNX file (-o) is the result. Leave out --save-folded."
         )
     source = prep.source
+    checker_error = onnx_checker_error(Path(opts.model))
+    if checker_error:
+        report.warnings.append(
+            f"the input file does not pass onnx.checker ({checker_error}); the folded file is "
+            "written without that check, and verified in onnxruntime as usual"
+        )
     progress("running the original model in onnxruntime")
     reference = _record(source.reference(), prep.batches)
     model = source.model
@@ -356,6 +362,7 @@ def _fold_onnx_file(
         metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
         external_data=external,
         threshold=opts.external_data_threshold,
+        check=not checker_error,
     )
     prep.source = source = model = None
     return reference

@@ -209,3 +209,24 @@ def test_shipped_models_fold_the_same_through_onnx(name, tmp_path):
     assert bn_count(onnx.load(str(plain))) > 0
     assert o["onnx"]["batchnorm_nodes"] == c["onnx"]["batchnorm_nodes"]
     assert o["verify"]["passed"] and o["verify"]["data"]["samples"] > 0
+
+
+def test_input_that_fails_the_checker_but_runs_is_folded_with_a_warning(tmp_path):
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(5, 3, 1, 1)]), 5)
+    graph = helper.make_graph(
+        b.nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],  # no shape field
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "loose.onnx"))
+    result = _invoke("fold", tmp_path / "loose.onnx")
+    assert result.exit_code == 0, result.output
+    assert "does not pass onnx.checker" in result.output and "verify: PASS" in result.output
+    assert bn_count(onnx.load(str(tmp_path / "loose.folded.onnx"))) == 0
