@@ -1,4 +1,8 @@
-"""The fold stage: a model or program in, a folded torch.export program and its report out."""
+"""The fold stage: a model or program in, a folded torch.export program and its report out.
+
+Two engines share the fold arithmetic (`math.py`), the channel tracking (`channels.py`) and the
+report types: `torch_engine` on torch.export graphs, `onnx_engine` on ONNX graphs.
+"""
 
 from __future__ import annotations
 
