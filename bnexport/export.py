@@ -145,10 +145,12 @@ def save_onnx_model(
     external_data: bool | None = None,
     threshold: int = EXTERNAL_DATA_THRESHOLD,
     before_commit: Callable[[], None] | None = None,
-    check: bool = True,
+    accept_checker_error: Callable[[Exception], bool] | None = None,
 ) -> OnnxInfo:
-    """Write an onnx_ir model to `path` atomically, checked by onnx.checker first (unless
-    `check` is False: for a model whose own source file does not pass the checker).
+    """Write an onnx_ir model to `path` atomically, checked by onnx.checker first.
+
+    When the checker rejects the model, `accept_checker_error(exc)` (for a model whose own
+    source file the checker rejects too) may return True to write it all the same.
 
     Metadata keys are set, not appended, so a model that already carries them stays valid.
     `external_data=None` chooses external data when the weights exceed `threshold` bytes; a
@@ -177,13 +179,13 @@ def save_onnx_model(
                 "--no-external-data)."
             ) from exc
         try:
-            if check:
-                onnx.checker.check_model(str(tmp))
+            onnx.checker.check_model(str(tmp))
         except Exception as exc:  # noqa: BLE001
-            raise ExportError(
-                f"The exported ONNX model fails onnx.checker ({summarize_exception(exc)}); "
-                "nothing was written. Try another --opset; run with --debug for details."
-            ) from exc
+            if accept_checker_error is None or not accept_checker_error(exc):
+                raise ExportError(
+                    f"The exported ONNX model fails onnx.checker ({summarize_exception(exc)}); "
+                    "nothing was written. Try another --opset; run with --debug for details."
+                ) from exc
         if before_commit is not None:
             before_commit()
     if not external and data_file.is_file():

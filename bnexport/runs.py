@@ -322,6 +322,21 @@ def _fold_checkpoint(
     return reference
 
 
+def _input_fails_checker_too(model: Path, report: RunReport, exc: Exception) -> bool:
+    """A folded file the checker rejects is written when the input file fails it too (the
+    fold did not cause it), with a warning; the verification still runs."""
+    from bnexport.load_onnx import onnx_checker_error
+
+    problem = onnx_checker_error(Path(model))
+    if problem is None:
+        return False
+    report.warnings.append(
+        f"the input file does not pass onnx.checker ({problem}); the folded file is written "
+        "all the same and verified in onnxruntime as usual"
+    )
+    return True
+
+
 def _fold_onnx_file(
     prep: _Prepared, opts: RunOptions, output: Path, report: RunReport, progress: Progress
 ) -> list:
@@ -330,7 +345,7 @@ def _fold_onnx_file(
     reference outputs."""
     from bnexport.export import has_external_data, save_onnx_model
     from bnexport.folding.onnx_engine import fold_onnx_model
-    from bnexport.load_onnx import keep_declared_value_info, onnx_checker_error
+    from bnexport.load_onnx import keep_declared_value_info
     from bnexport.render import onnx_metadata
 
     if opts.save_folded is not None:
@@ -339,12 +354,6 @@ def _fold_onnx_file(
             "have; the folded ONNX file (-o) is the result. Leave out --save-folded."
         )
     source = prep.source
-    checker_error = onnx_checker_error(Path(opts.model))
-    if checker_error:
-        report.warnings.append(
-            f"the input file does not pass onnx.checker ({checker_error}); the folded file is "
-            "written without that check, and verified in onnxruntime as usual"
-        )
     progress("running the original model in onnxruntime")
     reference = _record(source.reference(), prep.batches)
     model = source.model
@@ -362,7 +371,7 @@ def _fold_onnx_file(
         metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
         external_data=external,
         threshold=opts.external_data_threshold,
-        check=not checker_error,
+        accept_checker_error=functools.partial(_input_fails_checker_too, opts.model, report),
     )
     prep.source = source = model = None
     return reference
