@@ -219,6 +219,9 @@ def verdicts(rows: list[tuple]) -> list[str]:
             for r in rows
             if r[0] == model and r[1] in PEER_NAMES and r[3] is not None and r[5] is not None
         ]
+        if not peers:
+            lines.append(f"| {model} | {ours[3]} vs - | - | - | - | - | - | - |")
+            continue
         best_left = min(r[3] for r in peers)
         folding = [r for r in peers if r[3] < r[2]]
         worst_err = min((r[4] for r in folding), default=None)

@@ -23,3 +23,19 @@ def test_quick_benchmark_writes_every_metric(tmp_path):
     for row in rows[1:]:
         ours = row.split("|")[3].strip()
         assert re.fullmatch(r"[-+0-9.e]+", ours), row
+
+
+@pytest.mark.slow
+def test_quick_onnx_in_benchmark(tmp_path):
+    """The ONNX-in benchmark runs (peers that are not installed show as errors)."""
+    from benchmarks import onnx_in
+
+    out = tmp_path / "onnx_in.md"
+    assert onnx_in.main(["--quick", "--out", str(out)]) == 0
+    rows = [
+        line.split("|")[1:-1] for line in out.read_text().splitlines() if "| bnexport |" in line
+    ]
+    assert {r[0].strip() for r in rows} == {"tabular_mlp", "mlp_input_bn", "encoder_decoder"}
+    for r in rows:
+        assert int(r[3]) == 0  # every BN of these models folds
+        assert float(r[4]) < 1e-5  # error against the float64 model

@@ -224,7 +224,19 @@ def test_refuses_graph_input_parameters():
     assert "'gamma' is a graph input" in _left_reason(model)
 
 
-def test_refuses_computed_parameters():
+def test_refuses_parameters_computed_from_an_input():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
+    var = b.node("Abs", ["v"])
+    b.nodes.append(
+        helper.make_node(
+            "BatchNormalization", [c, b.weight(4), b.weight(4), b.weight(4), var], ["y"]
+        )
+    )
+    assert "computed by the graph" in _left_reason(b.model([X4, ("v", [4])], ["y"]))
+
+
+def test_parameters_computed_from_constants_fold():
     b = GraphBuilder()
     c = b.node("Conv", ["x", b.weight(4, 4, 1, 1)])
     var = b.node("Abs", [b.weight(4)])
@@ -233,7 +245,8 @@ def test_refuses_computed_parameters():
             "BatchNormalization", [c, b.weight(4), b.weight(4), b.weight(4), var], ["y"]
         )
     )
-    assert "computed by the graph" in _left_reason(b.model([X4], ["y"]))
+    out, _ = _check(b.model([X4], ["y"]), {"x": _x(2, 4, 6, 6)}, folded=1)
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
 
 
 def test_refuses_training_mode():
@@ -342,3 +355,23 @@ def test_public_fold_onnx_leaves_its_input_untouched(tmp_path):
     onnx.save(model, str(tmp_path / "m.onnx"))
     folded, report = bnexport.fold_onnx(tmp_path / "m.onnx")
     assert len(report.folded) == 1 and bn_count(folded) == 0
+
+
+def test_exporter_computed_zero_bias_folds_and_its_computation_goes():
+    """torch.onnx's bias-free conv: bias = Expand(CastLike(0, x), Shape(W)[:1])."""
+    b = GraphBuilder()
+    w = b.weight(5, 4, 1, 1)
+    zero = b.node("CastLike", [b.const(np.array(0.0, dtype=np.float32)), "x"])
+    rows = b.node("Slice", [b.node("Shape", [w]), *(b.const(np.array([v])) for v in (0, 1))])
+    bias = b.node("Expand", [zero, rows])
+    y = b.bn(b.node("Conv", ["x", w, bias]), 5)
+    out, _ = _check(b.model([X4], [y]), {"x": _x(2, 4, 6, 6)}, folded=1)
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+
+
+def test_refuses_bias_that_is_a_graph_input():
+    b = GraphBuilder()
+    c = b.node("Conv", ["x", b.weight(4, 4, 1, 1), "cb"])
+    y = b.bn(c, 4)
+    reason = _left_reason(b.model([X4, ("cb", [4])], [y]))
+    assert "bias 'cb' is a graph input" in reason

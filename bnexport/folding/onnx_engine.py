@@ -206,14 +206,22 @@ def _rewire(plan: OnnxFoldPlan, g: OnnxGraph) -> None:
 
 
 def _drop_if_unused(value: ir.Value | None, g: OnnxGraph) -> None:
+    """Remove `value` once nothing reads it: an initializer, or the nodes that computed it
+    (a Constant, or an exporter's bias computation), back to the first value still in use."""
     if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
         return
     if value.is_initializer():
         g.graph.initializers.pop(value.name)
         return
     producer = value.producer()
-    if producer is not None and is_onnx_op(producer, "Constant") and producer.graph is g.graph:
-        g.graph.remove(producer, safe=True)
+    if producer is None or producer.graph is not g.graph:
+        return
+    if any(o is not None and (o.uses() or o.is_graph_output()) for o in producer.outputs):
+        return
+    inputs = list(producer.inputs)
+    g.graph.remove(producer, safe=True)
+    for v in inputs:
+        _drop_if_unused(v, g)
 
 
 def _f64(a: np.ndarray) -> torch.Tensor:

@@ -34,6 +34,7 @@ class OnnxGraph:
         self.opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
         self._shapes = inferred_shapes(model)
         self._fresh = 0
+        self._evaluated: dict[ir.Value, np.ndarray | None] = {}
 
     # ------------------------------------------------------------------ values
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
@@ -47,7 +48,23 @@ class OnnxGraph:
         if producer is not None and is_onnx_op(producer, "Constant"):
             tensor = ir.convenience.get_const_tensor(value)
             return None if tensor is None else tensor.numpy()
-        return None
+        return self._computed_constant(value)
+
+    def _computed_constant(self, value: ir.Value) -> np.ndarray | None:
+        """The value of a small computation on constants only (an exporter's zero bias made
+        by Expand(CastLike(0), Shape(weight)), a Cast of a weight), evaluated by onnx's
+        reference evaluator; None when it depends on an input or is not small."""
+        if value in self._evaluated:
+            return self._evaluated[value]
+        nodes = _constant_subgraph(value, self.graph)
+        result = None
+        if nodes is not None:
+            try:
+                result = _evaluate(nodes, value, self.model)
+            except Exception:  # noqa: BLE001 - an op the evaluator lacks: not a constant here
+                result = None
+        self._evaluated[value] = result
+        return result
 
     def not_constant_reason(self, value: ir.Value | None, what: str) -> str:
         if value is None:
@@ -123,6 +140,71 @@ def attr(node: ir.Node, name: str, default=None):
     """The value of an attribute, or `default`."""
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+_MAX_CONSTANT_NODES = 16
+
+
+def _constant_subgraph(value: ir.Value, graph: ir.Graph) -> list[ir.Node] | None:
+    """The nodes computing `value` from initializers and Constants only, in order; None when
+    an input, a subgraph or another domain is involved, or more than a few nodes."""
+    order: list[ir.Node] = []
+    seen: set[ir.Node] = set()
+
+    def visit(v: ir.Value | None) -> bool:
+        if v is None or v.name == "":
+            return True
+        if v.is_graph_input():
+            return False
+        if v.is_initializer():
+            return v.const_value is not None
+        node = v.producer()
+        if node is None or node.graph is not graph or node.domain not in ONNX_DOMAINS:
+            return False
+        if node in seen:
+            return True
+        if any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
+            return False
+        seen.add(node)
+        # CastLike reads only the dtype of its second input (the exporter passes the model
+        # input there); that dtype is fixed by the graph
+        inputs = node.inputs[:1] if node.op_type == "CastLike" else node.inputs
+        if node.op_type == "CastLike" and (len(node.inputs) < 2 or node.inputs[1].dtype is None):
+            return False
+        if len(seen) > _MAX_CONSTANT_NODES or not all(visit(i) for i in inputs):
+            return False
+        order.append(node)
+        return True
+
+    return order if value.producer() is not None and visit(value) else None
+
+
+def _evaluate(nodes: list[ir.Node], value: ir.Value, model: ir.Model) -> np.ndarray:
+    from onnx.reference import ReferenceEvaluator
+
+    produced = {o.name for n in nodes for o in n.outputs if o is not None}
+    inits, protos = [], []
+    for node in nodes:
+        proto = ir.serde.serialize_node(node)
+        if node.op_type == "CastLike":
+            proto = onnx.helper.make_node(
+                "Cast", [proto.input[0]], list(proto.output), to=int(node.inputs[1].dtype)
+            )
+        protos.append(proto)
+        for i in node.inputs[:1] if node.op_type == "CastLike" else node.inputs:
+            if i is not None and i.name and i.name not in produced and i.is_initializer():
+                inits.append(ir.serde.serialize_tensor(i.const_value))
+                inits[-1].name = i.name
+    graph = onnx.helper.make_graph(
+        protos,
+        "constant",
+        [],
+        [onnx.helper.make_empty_tensor_value_info(value.name)],
+        inits,
+    )
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets)
+    return np.asarray(ReferenceEvaluator(proto).run(None, {})[0])
 
 
 def _dim_expr(d) -> sympy.Expr:

@@ -143,6 +143,8 @@ def match_layer(node: ir.Node, g: OnnxGraph, *, with_bias_add: bool = True) -> L
     op = node.op_type
     out = node.outputs[0]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and g.constant(bias) is None:
+        return f"{g.describe(node)} has no constant bias ({g.not_constant_reason(bias, 'bias')})"
     if op in ("Conv", "ConvTranspose"):
         groups = int(attr(node, "group", 1))
         layout = Layout(0 if op == "Conv" else 1, groups)
