@@ -81,3 +81,23 @@ def test_install_and_test_commands_match_ci():
     assert install in ci
     assert test.split()[:4] == ["python3", "-m", "pytest", "-q"]
     assert "python3 -m pytest -q" in ci
+
+
+def test_quick_start_onnx_command_runs_as_written(tmp_path):
+    section = _section("Quick start")
+    command = next(
+        line.strip()
+        for line in section.splitlines()
+        if line.strip().startswith("bnexport fold") and ".onnx" in line
+    )
+    work = _workdir(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnexport", *command.split()[1:]],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "BatchNorm: 4 before, 1 after (3 folded)" in done.stdout
+    assert "original 98.22%, ONNX 98.22%" in done.stdout and "98.22%" in section
+    assert (work / "models" / "digits_cnn.unfolded.folded.onnx").is_file()
