@@ -22,7 +22,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -930,13 +929,6 @@ def test_matmul_bias_that_raises_the_rank():
     check_case(case, batches=(4,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="missed fold: Gemm (N, 2) -> Reshape(N, 1, 2, 1) -> BN(1); track_reshape prefers "
-    "the output axis of the same size (2) over the unit axis 1 that the BN normalizes, so it "
-    "refuses with 'the layer's channels arrive on axis 2'",
-)
 def test_reshape_to_unit_channel_axis_folds():
     """A one-channel BN after a Reshape that splits the Gemm's 2 channels as (1, 2): both
     Gemm channels get the BN's one affine, an exact fold the generator expects."""

@@ -159,6 +159,8 @@ def track_reduce(axes: list[int], keepdims: bool, tr: Tracked, what: str = "aver
 def preceding_channel_of(tr: Tracked, out_channels: int, bn_channels: int) -> np.ndarray | str:
     """Map each layer output channel to its BN channel, from the labels tracked to the BN's
     input; or say why the BN channels are not a function of the layer channels."""
+    if bn_channels == 1:
+        return np.zeros(out_channels, dtype=np.int64)  # one affine for every element
     if tr.axis != 1:
         return f"the BN normalizes axis 1 but the layer's channels arrive on axis {tr.axis}"
     flat = tr.labels.ravel()
