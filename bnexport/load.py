@@ -501,7 +501,12 @@ def load_source(
         specs = resolve_onnx_specs(source.input_specs, list(input_shapes), npz_shapes(data))
     else:
         specs = resolve_input_specs(source, list(input_shapes))
-    if static_batch:
+    if static_batch and source.is_onnx:
+        source.warnings.append(
+            "--static-batch has no effect on an ONNX input: the folded file keeps the input "
+            "dims the original declares"
+        )
+    elif static_batch:
         specs = [replace(s, dynamic_batch=False) for s in specs]
     source.input_specs = specs
     if source.format == TORCHSCRIPT:

@@ -230,3 +230,10 @@ def test_input_that_fails_the_checker_but_runs_is_folded_with_a_warning(tmp_path
     assert result.exit_code == 0, result.output
     assert "does not pass onnx.checker" in result.output and "verify: PASS" in result.output
     assert bn_count(onnx.load(str(tmp_path / "loose.folded.onnx"))) == 0
+
+
+def test_static_batch_is_a_warning_for_onnx(cnn_onnx, tmp_path):
+    result = _invoke("fold", cnn_onnx, "--static-batch")
+    assert result.exit_code == 0, result.output
+    assert "--static-batch has no effect on an ONNX input" in result.output
+    assert "batch sizes [1, 8]" in result.output
