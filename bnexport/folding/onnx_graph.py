@@ -186,12 +186,25 @@ def _evaluate(nodes: list[ir.Node], value: ir.Value, model: ir.Model) -> np.ndar
     inits, protos = [], []
     for node in nodes:
         proto = ir.serde.serialize_node(node)
+        reads = node.inputs
         if node.op_type == "CastLike":
             proto = onnx.helper.make_node(
                 "Cast", [proto.input[0]], list(proto.output), to=int(node.inputs[1].dtype)
             )
+            reads = node.inputs[:1]
+        elif node.op_type == "Shape" and node.inputs[0].is_initializer():
+            # the shape of a weight, without copying the weight
+            dims = list(node.inputs[0].const_value.shape.dims)
+            dims = dims[attr(node, "start", 0) : attr(node, "end", None)]
+            proto = onnx.helper.make_node(
+                "Constant",
+                [],
+                list(proto.output),
+                value=onnx.numpy_helper.from_array(np.array(dims, dtype=np.int64)),
+            )
+            reads = []
         protos.append(proto)
-        for i in node.inputs[:1] if node.op_type == "CastLike" else node.inputs:
+        for i in reads:
             if i is not None and i.name and i.name not in produced and i.is_initializer():
                 inits.append(ir.serde.serialize_tensor(i.const_value))
                 inits[-1].name = i.name
