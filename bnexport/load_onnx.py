@@ -123,7 +123,7 @@ def keep_declared_value_info(model) -> None:
     if declared is None:
         return
     for value in model.graph.initializers.values():
-        if value.name not in declared and not value.is_graph_input():
+        if value.name not in declared and not (value.is_graph_input() or value.is_graph_output()):
             value.type, value.shape = None, None
 
 

@@ -357,13 +357,14 @@ def _fold_onnx_file(
     progress("running the original model in onnxruntime")
     reference = _record(source.reference(), prep.batches)
     model = source.model
+    came_external = has_external_data(model)  # before folds replace external tensors
     progress("folding BatchNormalization nodes")
     report.fold = fold_onnx_model(model)
     report.warnings += report.fold.warnings
     progress("writing the folded ONNX file")
     keep_declared_value_info(model)
     external = opts.external_data
-    if external is None and has_external_data(model):
+    if external is None and came_external:
         external = True  # written back the way it came
     report.onnx = save_onnx_model(
         model,

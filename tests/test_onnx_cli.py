@@ -15,6 +15,7 @@ from bnexport.cli import main
 from tests.onnx_builders import GraphBuilder, bn_count, max_rel_diff, run
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
+X4_ = ("x", ["N", 4, 6, 6])
 
 
 def _invoke(*args):
@@ -237,3 +238,37 @@ def test_static_batch_is_a_warning_for_onnx(cnn_onnx, tmp_path):
     assert result.exit_code == 0, result.output
     assert "--static-batch has no effect on an ONNX input" in result.output
     assert "batch sizes [1, 8]" in result.output
+
+
+def test_initializer_that_is_a_graph_output_keeps_its_type(tmp_path):
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(5, 4, 1, 1)]), 5)
+    k = b.const(np.ones(3, np.float32), "k")
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        b.nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [vi(y, TensorProto.FLOAT, ["N", 5, 6, 6]), vi(k, TensorProto.FLOAT, [3])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    result = _invoke("fold", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+
+
+def test_external_data_stays_external_when_every_external_tensor_was_folded(tmp_path):
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(64, 4, 3, 3)]), 64)
+    onnx.save(
+        b.model([X4_], [y]),
+        str(tmp_path / "e.onnx"),
+        save_as_external_data=True,
+        location="e.bin",
+        size_threshold=4096,  # only the conv weight is external
+    )
+    result = _invoke("fold", tmp_path / "e.onnx")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "e.folded.onnx.data").is_file()

@@ -375,3 +375,61 @@ def test_refuses_bias_that_is_a_graph_input():
     y = b.bn(c, 4)
     reason = _left_reason(b.model([X4, ("cb", [4])], [y]))
     assert "bias 'cb' is a graph input" in reason
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_add_that_becomes_a_bias_after_an_earlier_fold_is_not_mixed_up():
+    """MatMul -> BN -> Add(c) -> BN: the second BN may not treat Add(c) as the MatMul's bias
+    once the first BN is gone, because the first fold's bias does not include c."""
+    b = GraphBuilder()
+    y = b.bn(b.node("MatMul", ["x", b.weight(5, 6)]), 6)
+    y = b.node("Add", [y, b.const(np.full(6, 3.0, np.float32))])
+    model = b.model([("x", ["N", 5])], [b.bn(y, 6)])
+    out, report = fold_proto(model)
+    assert max_rel_diff(run(model, {"x": _x(4, 5)}), run(out, {"x": _x(4, 5)})) < 1e-5
+    assert len(report.folded) >= 1
+
+
+def test_initializer_used_as_weight_and_bias_of_one_layer_is_shared():
+    b = GraphBuilder()
+    w = b.weight(6, 6)
+    model = b.model([("x", [6, 6])], [b.bn(b.node("Gemm", ["x", w, w]), 6)])
+    assert "shared" in _left_reason(model)
+
+
+def test_new_node_names_do_not_collide():
+    b = GraphBuilder()
+    t = b.node("Transpose", [b.bn("x", 5)], perm=[0, 2, 1])
+    b.nodes.append(helper.make_node("MatMul", [t, b.weight(5, 6)], ["mm_out"], name="mm"))
+    b.nodes.append(helper.make_node("Relu", ["mm_out"], ["r"], name="mm_bias_add"))
+    model = b.model([("x", ["N", 5, 3])], ["r"])
+    out, report = _check(model, {"x": _x(2, 5, 3)}, folded=1)
+    names = [n.name for n in out.graph.node]
+    assert len(names) == len(set(names))
+
+
+def test_ir_version_3_lists_new_initializers_as_inputs():
+    b = GraphBuilder()
+    y = b.bn(b.node("Conv", ["x", b.weight(5, 4, 1, 1)]), 5)
+    model = b.model([X4], [y], opset=8)
+    model.ir_version = 3
+    for init in model.graph.initializer:
+        model.graph.input.append(
+            helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        )
+    onnx.checker.check_model(model)
+    out, _ = _check(model, {"x": _x(2, 4, 6, 6)}, folded=1)
+    inputs = {i.name for i in out.graph.input}
+    assert {i.name for i in out.graph.initializer} <= inputs
+
+
+def test_float16_fold_that_would_overflow_is_left():
+    b = GraphBuilder(dtype=np.float16)
+    c = b.node("Conv", ["x", b.const(np.full((3, 4, 1, 1), 1000, np.float16))])
+    y = b.bn(c, 3)
+    scale = next(t for t in b.inits if t.name.startswith("gamma"))
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.full(3, 300, np.float16), scale.name))
+    model = b.model([X4], [y], elem=TensorProto.FLOAT16)
+    assert "beyond the largest finite float16" in _left_reason(model)

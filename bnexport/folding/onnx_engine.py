@@ -35,7 +35,7 @@ from bnexport.folding.channels import (
     preceding_channel_of,
 )
 from bnexport.folding.checks import check_statistics
-from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
+from bnexport.folding.onnx_graph import SHAPE_READERS, OnnxGraph, attr, is_onnx_op, node_name
 from bnexport.folding.onnx_sites import (
     BN_OP,
     BatchNormSite,
@@ -61,16 +61,59 @@ class OnnxFoldPlan:
 
 
 def _shared_reason(layer: LayerSite, g: OnnxGraph) -> str | None:
+    """Why the layer's weight or bias cannot change without changing another use of it.
+
+    The weight may also be read by Shape/Size nodes (a fold keeps its shape); the bias may
+    change shape (a scalar becomes a per-channel vector), so it must have no other reader."""
     for what, value in (("weight", layer.weight), ("bias", layer.bias)):
         if value is None:
             continue
-        users = [n for n in g.consumers(value) if n is not layer.node and n is not layer.bias_add]
-        if users or value.is_graph_output():
-            other = g.describe(users[0]) if users else "the model's outputs"
+        uses = [u for u in value.uses() if what == "bias" or not is_onnx_op(u.node, *SHAPE_READERS)]
+        others = [u.node for u in uses if u.node is not layer.node and u.node is not layer.bias_add]
+        if others or len(uses) > 1 or value.is_graph_output():
+            other = (
+                g.describe(others[0])
+                if others
+                else "the model's outputs"
+                if value.is_graph_output()
+                else f"another input of {layer.name}"
+            )
             return (
                 f"the {what} initializer '{value.name}' of {layer.name} is shared with {other}, "
                 "and folding would change that use too"
             )
+    return None
+
+
+def _conflict_reason(plan: OnnxFoldPlan, pending: dict) -> str | None:
+    """A layer that already takes a fold must be the same layer to this plan: the same bias
+    (an earlier fold may have made a later Add look like the layer's bias)."""
+    folds = pending.get(id(plan.layer.node))
+    if folds is None:
+        return None
+    if plan.layer.bias is not folds.layer.bias or plan.layer.bias_add is not folds.layer.bias_add:
+        return (
+            f"{plan.layer.name} already takes another BN's fold, and the bias this BN would "
+            "fold through is not the bias that fold uses"
+        )
+    return None
+
+
+def _overflow_reason(plan: OnnxFoldPlan, s: torch.Tensor, t: torch.Tensor) -> str | None:
+    """For a weight of 16 bits or fewer: why the folded values would not fit its dtype."""
+    layer = plan.layer
+    dtype = layer.weight_array.dtype
+    if dtype.itemsize > 2 or not np.issubdtype(dtype, np.floating):
+        return None
+    finite = float(np.finfo(dtype).max)
+    axis = layer.layout.out_axis if plan.direction == PRECEDING else layer.layout.in_axis
+    w = fm.scale_weight(_f64(layer.weight_array), s, axis, layer.layout)
+    largest = max(float(w.abs().max()), float(t.abs().max()) if plan.direction == PRECEDING else 0)
+    if largest > finite:
+        return (
+            f"folding it into {layer.name} would give {dtype} weights of {largest:.3g}, beyond "
+            f"the largest finite {dtype} ({finite:.0f})"
+        )
     return None
 
 
@@ -208,8 +251,12 @@ def _rewire(plan: OnnxFoldPlan, g: OnnxGraph) -> None:
 def _drop_if_unused(value: ir.Value | None, g: OnnxGraph) -> None:
     """Remove `value` once nothing reads it: an initializer, or the nodes that computed it
     (a Constant, or an exporter's bias computation), back to the first value still in use."""
-    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
+    if value is None or value.uses() or value.is_graph_output():
         return
+    if value.is_graph_input():
+        if not g.initializer_input(value):
+            return
+        g.graph.inputs.remove(value)
     if value.is_initializer():
         g.graph.initializers.pop(value.name)
         return
@@ -249,6 +296,8 @@ def _new_initializer(g: OnnxGraph, base: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
     g.graph.register_initializer(value)
+    if (g.model.ir_version or 0) < 4:
+        g.graph.inputs.append(value)  # IR version 3 lists every initializer as an input
     return value
 
 
@@ -383,13 +432,22 @@ def fold_onnx_model(model: ir.Model) -> FoldReport:
                 FoldDecision(name=node_name(node), kind=KIND, status=LEFT, reason=site)
             )
             continue
+        s, t = fm.bn_scale_shift(
+            _f64(site.mean), _f64(site.var), _f64(site.scale), _f64(site.bias), site.eps
+        )
         refusals = []
         plan = None
         for pattern in (_into_preceding, _into_following):
             outcome = pattern(site, g)
             if isinstance(outcome, OnnxFoldPlan):
-                plan = outcome
-                break
+                index = torch.from_numpy(outcome.channel_of)
+                problem = _conflict_reason(outcome, pending) or _overflow_reason(
+                    outcome, s[index], t[index]
+                )
+                if problem is None:
+                    plan = outcome
+                    break
+                outcome = Refusal(outcome.direction, problem)
             refusals.append(outcome)
         if plan is None:
             reason = "; ".join(f"{r.direction}: {r.reason}" for r in refusals)
@@ -399,9 +457,6 @@ def fold_onnx_model(model: ir.Model) -> FoldReport:
                 )
             )
             continue
-        s, t = fm.bn_scale_shift(
-            _f64(site.mean), _f64(site.var), _f64(site.scale), _f64(site.bias), site.eps
-        )
         index = torch.from_numpy(plan.channel_of)
         key = id(plan.layer.node)
         folds = pending.setdefault(key, _LayerFolds(plan.layer))

@@ -40,7 +40,7 @@ class OnnxGraph:
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
         """The value's array when it is fixed: an initializer that is not a graph input, or
         the output of a Constant node. None otherwise."""
-        if value is None or value.is_graph_input():
+        if value is None or (value.is_graph_input() and not self.initializer_input(value)):
             return None
         if value.const_value is not None and value.is_initializer():
             return value.const_value.numpy()
@@ -65,6 +65,11 @@ class OnnxGraph:
                 result = None
         self._evaluated[value] = result
         return result
+
+    def initializer_input(self, value: ir.Value) -> bool:
+        """An initializer listed as a graph input because IR version 3 requires it (not to
+        be fed at run time)."""
+        return (self.model.ir_version or 0) < 4 and value.is_initializer()
 
     def not_constant_reason(self, value: ir.Value | None, what: str) -> str:
         if value is None:
@@ -110,7 +115,7 @@ class OnnxGraph:
         return tuple(int(d) for d in shape)
 
     def fresh_name(self, base: str) -> str:
-        """A value name not used anywhere in the model."""
+        """A name used by no value and no node anywhere in the model."""
         taken = self._names()
         name = base
         while name in taken:
@@ -124,6 +129,8 @@ class OnnxGraph:
             self._taken = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
             for node in ir.traversal.RecursiveGraphIterator(self.graph):
                 self._taken.update(v.name for v in node.outputs if v is not None)
+                if node.name:
+                    self._taken.add(node.name)
         return self._taken
 
     # ------------------------------------------------------------------ people
