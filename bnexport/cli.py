@@ -28,7 +28,15 @@ EXIT_CODES_HELP = (
 )
 
 
-def _common(fn):
+_VERIFICATION_OPTIONS = ("--static-batch", "--atol", "--rtol", "--samples")
+
+
+def _loading(fn):
+    """The options that load a model and its data (every command)."""
+    return _common(fn, verification=False)
+
+
+def _common(fn, verification: bool = True):
     options = [
         click.option(
             "--input-shape",
@@ -89,9 +97,25 @@ def _common(fn):
         ),
         click.option("--debug", is_flag=True, help="Show full tracebacks on errors."),
     ]
+    if not verification:
+        options = [
+            o
+            for o in options
+            if not any(name in _VERIFICATION_OPTIONS for name in _option_names(o))
+        ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _option_names(decorator) -> list[str]:
+    """The flags a click.option decorator declares (applied to a throwaway function)."""
+
+    def probe():
+        pass
+
+    decorator(probe)
+    return [n for p in probe.__click_params__ for n in p.opts]
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -154,6 +178,19 @@ def verify(model, onnx_file, **kw) -> None:
     _run(lambda runs, progress: runs.run_verify(opts, onnx_file, progress), debug)
 
 
+@main.command(epilog="Exit codes: 0 the inspection ran; 2 bad usage or bad input.")
+@click.argument("model", type=click.Path(path_type=Path))
+@_loading
+def inspect(model, **kw) -> None:
+    """Show every BatchNorm's statistics, flags and fold decision; with --data, how far the
+    running averages are from the data."""
+    from bnexport.render import render_inspect
+
+    debug = kw.pop("debug")
+    opts = _options(model=model, **kw)
+    _run(lambda runs, progress: runs.run_inspect(opts, progress), debug, render_inspect)
+
+
 def _options(**kw):
     from bnexport.runs import RunOptions
 
@@ -187,12 +224,13 @@ class _Failure(click.ClickException):
         click.echo(f"error: {self.message}", file=file, err=file is None)
 
 
-def _run(job, debug: bool) -> None:
+def _run(job, debug: bool, render=None) -> None:
     from rich.console import Console
 
     from bnexport import runs
     from bnexport.render import render_run
 
+    render = render or render_run
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -214,7 +252,7 @@ def _run(job, debug: bool) -> None:
             "traceback.",
             EXIT_BAD_INPUT,
         ) from None
-    render_run(report, out)
+    render(report, out)
     raise SystemExit(report.exit_code)
 
 

@@ -248,3 +248,79 @@ def write_json(report: RunReport, path: str | Path) -> None:
     from bnexport.files import write_text_atomic
 
     write_text_atomic(Path(path), run_report_json(report))
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def inspect_dict(report) -> dict[str, Any]:
+    """The `inspect` JSON report (drift keys only when data was given)."""
+    layers = []
+    for b in report.batchnorm:
+        entry: dict[str, Any] = {
+            "name": b.name,
+            "kind": b.kind,
+            "channels": b.channels,
+            "flags": list(b.flags),
+            "notes": list(b.notes),
+            "summary": b.summary,
+            "fold": b.fold,
+        }
+        if report.data is not None:
+            entry["mean_shift"] = b.mean_shift
+            entry["var_ratio"] = b.var_ratio
+        layers.append(entry)
+    out: dict[str, Any] = {
+        "command": "inspect",
+        "model": report.model,
+        "bnexport_version": __version__,
+        "batchnorm": layers,
+        "verdict": report.verdict,
+        "stale": [b.name for b in report.stale],
+        "warnings": list(report.warnings),
+        "exit_code": report.exit_code,
+    }
+    if report.data is not None:
+        out["data"] = {"path": report.data, "samples": report.data_size}
+    return out
+
+
+def write_inspect_json(report, path: str | Path) -> None:
+    from bnexport.files import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(inspect_dict(report), indent=2) + "\n")
+
+
+def _fold_cell(fold: dict) -> str:
+    if fold.get("status") == "folded":
+        return f"folded into {fold['direction']} {fold['into']}"
+    return fold.get("status", "-")
+
+
+def render_inspect(report, console: Console) -> None:
+    """The per-BN table, the warnings and the verdict line."""
+    with_data = report.data is not None
+    header = ("BatchNorm", "ch", "s min..max", "flags", "fold")
+    if with_data:
+        header += ("mean_shift", "var_ratio")
+    rows = []
+    for b in report.batchnorm:
+        s = b.summary.get("scale")
+        scale = f"{fmt(s['min'])}..{fmt(s['max'])}" if s else "-"
+        row = (b.name, str(b.channels), scale, ", ".join(b.flags) or "-", _fold_cell(b.fold))
+        if with_data:
+            row += tuple("-" if v is None else fmt(v) for v in (b.mean_shift, b.var_ratio))
+        rows.append(row)
+    _table(console, f"BatchNorm statistics of {report.model}", header, rows, fold_wide=True)
+    for b in report.batchnorm:
+        for note in b.notes:
+            console.print(f"{b.name}: {note}", markup=False)
+    if with_data:
+        console.print(
+            f"drift measured on {report.data_size} samples from {report.data} (model in eval "
+            "mode, float64)",
+            markup=False,
+        )
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", markup=False)
+    console.print(f"verdict: {report.verdict}", markup=False)

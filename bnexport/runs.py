@@ -414,3 +414,36 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     if opts.json_path is not None:
         write_json(report, opts.json_path)
     return report
+
+
+def run_inspect(opts: RunOptions, progress: Progress = _quiet):
+    """Every BN's statistics, flags and fold decision; with data, their drift. Writes only
+    the JSON report (and the plot)."""
+    from bnexport.render import write_inspect_json
+    from bnexport.stats.inspect import inspect_program
+
+    _check_outputs([opts.json_path], [Path(opts.model)])
+    prep = _prepare(opts, progress)
+    source = prep.source
+    if source.is_onnx:
+        raise BadInputError(
+            f"'{opts.model}' is an ONNX model; `bnexport inspect` reads the statistics of "
+            "PyTorch checkpoints. Inspect the checkpoint it was exported from."
+        )
+    from bnexport.inputs import example_inputs
+
+    program = source.to_program(
+        example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
+    )
+    progress("reading BatchNorm statistics")
+    report = inspect_program(
+        program,
+        str(opts.model),
+        module_names=source.batchnorm_modules(),
+        dataset=prep.dataset,
+        progress=progress,
+    )
+    report.warnings[:0] = list(source.warnings)
+    if opts.json_path is not None:
+        write_inspect_json(report, opts.json_path)
+    return report

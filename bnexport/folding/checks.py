@@ -28,7 +28,7 @@ def check_batchnorm_state(bn: BatchNormCall, state: ProgramState) -> list[str]:
         _tensor(state, bn.weight),
         _tensor(state, bn.bias),
         bn.eps,
-        _num_batches_tracked(state, bn),
+        num_batches_tracked(state, bn),
     )
 
 
@@ -75,7 +75,7 @@ def check_statistics(
     return warnings
 
 
-def _num_batches_tracked(state: ProgramState, bn: BatchNormCall) -> int | None:
+def num_batches_tracked(state: ProgramState, bn: BatchNormCall) -> int | None:
     mean = state.target(bn.running_mean)
     if mean is None or not mean.endswith("running_mean"):
         return None

@@ -1,0 +1,2 @@
+"""Test-time statistics of BatchNorm layers: how far the running averages are from the data
+(`inspect`)."""

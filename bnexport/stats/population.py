@@ -1,0 +1,79 @@
+"""Exact population statistics of tensors seen while a program runs, in float64.
+
+For each watched node, per channel (axis 1) over every other axis and every batch:
+
+    mean = sum(x) / n,    var = sum((x - mean)^2) / (n - 1)   (unbiased, PyTorch's running_var)
+
+accumulated batch by batch with Chan's parallel update (counts, means and sums of squared
+deviations merged exactly), so the result does not depend on how the data is batched beyond
+float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+F64 = torch.float64
+
+
+class ChannelMoments:
+    """Running count, mean and sum of squared deviations per channel (axis 1), in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(F64)
+        if x.dim() < 2:
+            return
+        dims = [d for d in range(x.dim()) if d != 1]
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return
+        mean = x.mean(dim=dims)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        m2 = ((x - mean.reshape(shape)) ** 2).sum(dim=dims)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
+        self.n = total
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance (n - 1)."""
+        return self.m2 / max(self.n - 1, 1)
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, watch: dict[str, ChannelMoments]):
+        super().__init__(module)
+        self.watch = watch
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        moments = self.watch.get(n.name)
+        if moments is not None and isinstance(out, torch.Tensor):
+            moments.add(out)
+        return out
+
+
+def input_moments(
+    module: fx.GraphModule, node_names: list[str], batches: Iterable[tuple]
+) -> dict[str, ChannelMoments]:
+    """Per-channel moments of the tensors produced by the named nodes of `module` (a graph
+    module of an eval-mode program) over every batch."""
+    watch = {name: ChannelMoments() for name in node_names}
+    capture = _Capture(module, watch)
+    with torch.no_grad():
+        for batch in batches:
+            capture.run(*batch)
+    return watch
