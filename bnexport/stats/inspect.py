@@ -157,10 +157,10 @@ def inspect_program(
     """Inspect every BN call of an eval-mode program (the program is not changed)."""
     from bnexport.defaults import DATA_BATCH
     from bnexport.errors import BadInputError, InvalidModelError
-    from bnexport.report import FoldReport
     from bnexport.folding.checks import num_batches_tracked
     from bnexport.folding.program_state import ProgramState
     from bnexport.folding.torch_engine import _unique_names, batchnorm_calls, fold_program
+    from bnexport.report import FoldReport
     from bnexport.stats.population import input_moments
 
     state = ProgramState(program, copy_graph=True)
