@@ -191,6 +191,36 @@ def inspect(model, **kw) -> None:
     _run(lambda runs, progress: runs.run_inspect(opts, progress), debug, render_inspect)
 
 
+@main.command(epilog="Exit codes: 0 recalibrated and written; 2 bad usage or bad input.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    metavar="OUT.pt2",
+    help="Recalibrated program to write (default: MODEL.recalibrated.pt2 next to MODEL).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help="Samples per chunk of the pass over the data (default 256).",
+)
+@_loading
+def recalibrate(model, output, batch_size, **kw) -> None:
+    """Replace every BN's running statistics with the exact statistics of its input over
+    --data, each computed with the BNs upstream already recalibrated."""
+    from bnexport.render import render_recalibrate
+
+    debug = kw.pop("debug")
+    opts = _options(model=model, output=output, **kw)
+    _run(
+        lambda runs, progress: runs.run_recalibrate(opts, batch_size, progress),
+        debug,
+        render_recalibrate,
+    )
+
+
 def _options(**kw):
     from bnexport.runs import RunOptions
 

@@ -324,3 +324,66 @@ def render_inspect(report, console: Console) -> None:
     for warning in report.warnings:
         console.print(f"warning: {warning}", markup=False)
     console.print(f"verdict: {report.verdict}", markup=False)
+
+
+# --------------------------------------------------------------------------- recalibrate
+
+
+def recalibrate_dict(report) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "command": "recalibrate",
+        "model": report.model,
+        "output": report.output,
+        "bnexport_version": __version__,
+        "samples": report.samples,
+        "batches": report.batches,
+        "batchnorm": report.layers,
+        "left": report.left,
+        "warnings": list(report.warnings or []),
+        "exit_code": report.exit_code,
+    }
+    if report.accuracy_before is not None:
+        out["accuracy"] = {"before": report.accuracy_before, "after": report.accuracy_after}
+    return out
+
+
+def write_recalibrate_json(report, path: str | Path) -> None:
+    from bnexport.files import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(recalibrate_dict(report), indent=2) + "\n")
+
+
+def render_recalibrate(report, console: Console) -> None:
+    def pair(a, b) -> str:
+        return f"{'-' if a is None else fmt(a)} -> {'-' if b is None else fmt(b)}"
+
+    rows = [
+        (
+            d["name"],
+            str(d["channels"]),
+            pair(d["mean_shift_before"], d["mean_shift"]),
+            pair(d["var_ratio_before"], d["var_ratio"]),
+        )
+        for d in report.layers
+    ]
+    _table(
+        console,
+        f"Recalibrated BatchNorm statistics of {report.model}",
+        ("BatchNorm", "ch", "mean_shift before -> after", "var_ratio before -> after"),
+        rows,
+    )
+    for name in report.left:
+        console.print(f"{name}: left (it tracks no running statistics)", markup=False)
+    for warning in report.warnings or []:
+        console.print(f"warning: {warning}", markup=False)
+    if report.accuracy_before is not None:
+        console.print(
+            f"accuracy on {report.samples} labelled samples: before {report.accuracy_before:.2%}, "
+            f"after {report.accuracy_after:.2%}",
+            markup=False,
+        )
+    console.print(
+        f"recalibrate: wrote {report.output} ({len(report.layers)} BNs, {report.samples} "
+        f"samples in {report.batches} batches)",
+        markup=False,
+    )

@@ -226,7 +226,7 @@ def _check_outputs(paths: list[Path | None], inputs: list[Path]) -> None:
         seen[key] = path
 
 
-def save_program(program, path: Path) -> None:
+def save_program(program, path: Path, flag: str = "--save-folded") -> None:
     """Write a torch.export program atomically (`torch.export.load` reads it back)."""
     import torch
 
@@ -237,7 +237,7 @@ def save_program(program, path: Path) -> None:
     except OSError as exc:
         raise BadInputError(
             f"Writing the folded program to '{path}' failed ({summarize_exception(exc)}); "
-            "nothing was written. Free some space or choose another --save-folded path."
+            f"nothing was written. Free some space or choose another {flag} path."
         ) from exc
 
 
@@ -446,4 +446,111 @@ def run_inspect(opts: RunOptions, progress: Progress = _quiet):
     report.warnings[:0] = list(source.warnings)
     if opts.json_path is not None:
         write_inspect_json(report, opts.json_path)
+    return report
+
+
+def default_recalibrated(model: Path) -> Path:
+    """MODEL.recalibrated.pt2 next to MODEL."""
+    model = Path(model)
+    return model.with_name(model.name.split(".")[0] + ".recalibrated.pt2")
+
+
+def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: Progress = _quiet):
+    """Replace every BN's running statistics with the population statistics of its input over
+    --data (upstream BNs already recalibrated); write a .pt2 that `bnexport fold` reads."""
+    import torch
+
+    from bnexport.defaults import DATA_BATCH
+    from bnexport.inputs import example_inputs
+    from bnexport.render import write_recalibrate_json
+    from bnexport.stats.inspect import inspect_program
+    from bnexport.stats.recalibrate import RecalibrateReport, accuracy, recalibrate_module
+
+    output = Path(opts.output or default_recalibrated(opts.model))
+    inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
+    _check_outputs([output, opts.json_path], inputs)
+    prep = _prepare(opts, progress)
+    source, dataset = prep.source, prep.dataset
+    if source.is_onnx:
+        raise BadInputError(
+            f"'{opts.model}' is an ONNX model; `bnexport recalibrate` recomputes the statistics "
+            "of PyTorch checkpoints. Recalibrate the checkpoint, then export it."
+        )
+    if dataset is None:
+        raise BadInputError(
+            "recalibrate needs data: pass --data CALIB.npz with inputs from the data the model "
+            "will see (one array per forward input; labels optional, for accuracy)."
+        )
+    if dataset.size < 2:
+        raise BadInputError(
+            f"--data '{dataset.path}' holds {dataset.size} sample(s); a variance needs at least "
+            "2. Pass more calibration data."
+        )
+    for spec, x in zip(prep.specs, dataset.inputs):
+        if x.dtype.is_floating_point and not torch.isfinite(x).all():
+            raise BadInputError(
+                f"--data '{dataset.path}' has NaN or Inf in input '{spec.name}'; statistics "
+                "over it would be NaN. Clean the data and try again."
+            )
+    program = source.to_program(
+        example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
+    )
+    size = batch_size or DATA_BATCH
+    chunks = list(dataset.batches(size))
+    progress("measuring the drift before")
+    before = inspect_program(program, str(opts.model), dataset=dataset)
+    module = program.module()
+    acc_before = accuracy(module, chunks, dataset.labels)
+    progress("recalibrating (one pass over the data)")
+    done, left = recalibrate_module(module, chunks)
+    if not done:
+        raise BadInputError(
+            f"'{opts.model}' has no BatchNorm with running statistics to recalibrate."
+        )
+    for r in done:
+        zero = (r.var <= 0).nonzero().flatten().tolist()
+        if zero:
+            raise BadInputError(
+                f"The input of BatchNorm '{r.name}' has variance 0 over the data in channel(s) "
+                f"{zero[:8]}: the data never varies there, so no statistics can be estimated "
+                "(eps alone would divide). Use more varied calibration data."
+            )
+        for target, value in ((r.mean_target, r.mean), (r.var_target, r.var)):
+            buffer = program.state_dict.get(target, program.constants.get(target))
+            if buffer is not None:
+                buffer.copy_(value.to(buffer.dtype))
+        tracked = r.mean_target[: -len("running_mean")] + "num_batches_tracked"
+        if r.mean_target.endswith("running_mean") and tracked in program.state_dict:
+            program.state_dict[tracked].fill_(len(chunks))
+    acc_after = accuracy(program.module(), chunks, dataset.labels)
+    progress("measuring the drift after")
+    after = inspect_program(program, str(output), dataset=dataset, dry_run=False)
+    progress("writing the recalibrated program")
+    save_program(program, output, "-o")
+    layers = [
+        {
+            "name": b.name,
+            "kind": b.kind,
+            "channels": b.channels,
+            "mean_shift_before": b.mean_shift,
+            "var_ratio_before": b.var_ratio,
+            "mean_shift": a.mean_shift,
+            "var_ratio": a.var_ratio,
+        }
+        for b, a in zip(before.batchnorm, after.batchnorm)
+        if b.input_node is not None
+    ]
+    report = RecalibrateReport(
+        str(opts.model),
+        str(output),
+        dataset.size,
+        len(chunks),
+        layers,
+        left,
+        acc_before,
+        acc_after,
+        list(source.warnings),
+    )
+    if opts.json_path is not None:
+        write_recalibrate_json(report, opts.json_path)
     return report

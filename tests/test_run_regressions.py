@@ -283,3 +283,15 @@ def test_an_input_without_batch_axis_keeps_its_shape(tmp_path):
     assert data["batchnorm"]["folded"] == 1
     result = _invoke("verify", tmp_path / "m.pt2", out, "--samples", "2")
     assert result.exit_code == 0, result.output
+
+
+def test_fold_of_a_program_whose_input_is_called_input():
+    """An nn.Sequential's forward argument is `input`; copying the graph renames it."""
+    from bnexport import fold
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+    program = torch.export.export(model, (torch.randn(2, 1, 5, 5),))
+    result = fold(program)
+    x = torch.randn(3, 1, 5, 5)
+    assert len(result.report.folded) == 1
+    assert torch.allclose(result.module(x[:2]), model(x[:2]), atol=1e-5)

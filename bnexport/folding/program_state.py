@@ -10,6 +10,7 @@ never touches the dicts of the program it started from, so the caller's model is
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx, nn
@@ -33,9 +34,15 @@ class ProgramState:
         self.gm: fx.GraphModule = (
             copy.deepcopy(program.graph_module) if copy_graph else program.graph_module
         )
-        self.specs: dict[str, InputSpec] = {
-            s.arg.name: copy.copy(s) for s in program.graph_signature.input_specs
-        }
+        # keyed by the placeholders of this graph, in order: copying a graph may rename a
+        # placeholder (an input called `input` becomes `input_1`)
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self.specs: dict[str, InputSpec] = {}
+        for node, spec in zip(placeholders, program.graph_signature.input_specs):
+            spec = copy.copy(spec)
+            if getattr(spec.arg, "name", node.name) != node.name:
+                spec.arg = dataclasses.replace(spec.arg, name=node.name)
+            self.specs[node.name] = spec
         self.state_dict = dict(program.state_dict)
         self.constants = dict(program.constants)
         self._fake_mode = None

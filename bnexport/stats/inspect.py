@@ -153,8 +153,11 @@ def inspect_program(
     module_names: dict[str, str] | None = None,
     dataset=None,
     progress=lambda _: None,
+    dry_run: bool = True,
 ) -> InspectReport:
-    """Inspect every BN call of an eval-mode program (the program is not changed)."""
+    """Inspect every BN call of an eval-mode program (the program is not changed).
+
+    `dry_run=False` skips the fold engine's dry run (no `fold` entries)."""
     from bnexport.defaults import DATA_BATCH
     from bnexport.errors import BadInputError, InvalidModelError
     from bnexport.folding.checks import num_batches_tracked
@@ -169,11 +172,12 @@ def inspect_program(
         raise BadInputError(
             f"'{model}' has no BatchNorm layer, so there are no statistics to inspect."
         )
-    refused = None
+    refused, fold_report = None, FoldReport()
     try:
-        _, fold_report = fold_program(program, module_names)  # a dry run on a copy
+        if dry_run:
+            _, fold_report = fold_program(program, module_names)  # a dry run on a copy
     except InvalidModelError as exc:  # NaN/Inf or negative variance: fold would stop
-        refused, fold_report = str(exc), FoldReport()
+        refused = str(exc)
     decisions = {d.name: d for d in fold_report.decisions}
 
     def tensor(node):
@@ -228,11 +232,15 @@ def inspect_program(
     if dataset is not None:
         progress("measuring the statistics of each BN's input over the data")
         called = [e for e in entries if e.input_node is not None]
+        module = program.module()
+        names = _module_names(program, module)
         moments = input_moments(
-            program.module(), [e.input_node for e in called], dataset.batches(DATA_BATCH)
+            module,
+            [names.get(e.input_node, e.input_node) for e in called],
+            dataset.batches(DATA_BATCH),
         )
         for e, call in zip(called, calls):
-            m = moments[e.input_node]
+            m = moments[names.get(e.input_node, e.input_node)]
             mean, var = tensor(call.running_mean), tensor(call.running_var)
             if mean is None or m.mean is None:
                 continue
@@ -241,3 +249,12 @@ def inspect_program(
                 e.flags.append(STALE)
         report.data, report.data_size = dataset.path, dataset.size
     return report
+
+
+def _module_names(program: torch.export.ExportedProgram, module) -> dict[str, str]:
+    """Program user-input placeholder name -> the module's placeholder name (unlifting may
+    rename them: `input` becomes `input_1`); other nodes keep their names."""
+    user = set(program.graph_signature.user_inputs)
+    ours = [n.name for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
+    theirs = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    return dict(zip(ours, theirs))

@@ -1,0 +1,191 @@
+"""`bnexport recalibrate`: the fixed point, agreement with a one-BN-at-a-time brute force,
+repair of stale statistics, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from bnexport.cli import main
+from bnexport.stats.population import ChannelMoments
+from bnexport.stats.recalibrate import recalibrate_module
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6))
+        self.head_bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(y + self.b(self.a(y)))
+        return self.fc(self.head_bn(y.mean((2, 3))))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn_a = nn.BatchNorm1d(4)
+        self.lin = nn.Linear(4, 5)
+        self.bn_b = nn.BatchNorm1d(5)
+        self.bn_c = nn.BatchNorm1d(3)
+
+    def forward(self, a, c):
+        return torch.cat([self.bn_b(self.lin(self.bn_a(a))), self.bn_c(c)], 1)
+
+
+def _stale(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-2, 2, generator=gen)
+            m.running_var.uniform_(0.1, 5, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+    return model.eval()
+
+
+CASES = {
+    "sequential": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        ),
+        lambda g: (torch.randn(64, 2, 6, 6, generator=g) * 2 + 1,),
+    ),
+    "residual": (Residual, lambda g: (torch.randn(64, 2, 6, 6, generator=g) * 3 - 1,)),
+    "two_inputs": (
+        TwoInputs,
+        lambda g: (torch.randn(64, 4, generator=g) * 2, torch.randn(64, 3, generator=g) + 5),
+    ),
+}
+
+
+def _program(model, data):
+    example = tuple(x[:2] for x in data)
+    dyn = tuple({0: torch.export.Dim.AUTO} for _ in data)
+    return torch.export.export(model, example, dynamic_shapes=dyn)
+
+
+def _bn_modules(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _inputs_of_each_bn(model, data) -> list[ChannelMoments]:
+    """Moments of every BN's input in eval mode (forward pre-hooks), float64."""
+    moments, hooks = [], []
+    for bn in _bn_modules(model):
+        m = ChannelMoments()
+        moments.append(m)
+        hooks.append(bn.register_forward_pre_hook(lambda _, args, m=m: m.add(args[0])))
+    with torch.no_grad():
+        for i in range(0, data[0].shape[0], 16):
+            model(*(x[i : i + 16] for x in data))
+    for h in hooks:
+        h.remove()
+    return moments
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fixed_point_and_brute_force(case):
+    build, make = CASES[case]
+    data = make(torch.Generator().manual_seed(1))
+    model = _stale(build())
+    chunks = [tuple(x[i : i + 16] for x in data) for i in range(0, 64, 16)]
+    module = _program(model, data).module()
+    done, left = recalibrate_module(module, chunks)
+    assert not left and len(done) == len(_bn_modules(model))
+    # fixed point: each BN's statistics are those of its own input, all BNs on the new ones
+    got = {r.mean_target: (r.mean, r.var) for r in done}
+    recal = copy.deepcopy(model)
+    names = {id(m): n for n, m in recal.named_modules()}
+    for bn in _bn_modules(recal):
+        mean, var = got[names[id(bn)] + ".running_mean"]
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    after = _inputs_of_each_bn(recal, data)
+    for bn, m in zip(_bn_modules(recal), after):
+        assert torch.allclose(bn.running_mean.double(), m.mean, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(bn.running_var.double(), m.var, rtol=1e-6)
+    # brute force: one BN at a time, in order, each with the ones before it already updated
+    brute = copy.deepcopy(model)
+    for k, bn in enumerate(_bn_modules(brute)):
+        m = _inputs_of_each_bn(brute, data)[k]
+        bn.running_mean.copy_(m.mean)
+        bn.running_var.copy_(m.var)
+    for a, b in zip(_bn_modules(brute), _bn_modules(recal)):
+        assert torch.allclose(a.running_mean, b.running_mean, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(a.running_var, b.running_var, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _stale_classifier(tmp_path):
+    """A linear classifier behind an input BN whose statistics are far off the data."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 4, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 4
+    labels = (x[:, 0] - 4 + (x[:, 1] - 4) / 2 > 0).long()
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-1.0, -1.0, 0, 0], [1.0, 1.0, 0, 0]]))
+        model[1].bias.zero_()
+        model[0].running_mean.zero_()  # stale: the data has mean 4
+        model[0].running_var.fill_(1.0)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "calib.npz", x=x.numpy(), labels=labels.numpy())
+    return tmp_path / "m.pt2", tmp_path / "calib.npz"
+
+
+def test_cli_recalibrate_repairs_stale_statistics(tmp_path):
+    model, calib = _stale_classifier(tmp_path)
+    before = model.read_bytes()
+    result = CliRunner().invoke(
+        main, ["recalibrate", str(model), "--data", str(calib), "--json", str(tmp_path / "r.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert model.read_bytes() == before
+    out = tmp_path / "m.recalibrated.pt2"
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["accuracy"]["after"] > 0.95 > data["accuracy"]["before"]
+    layer = data["batchnorm"][0]
+    assert layer["mean_shift_before"] > 1 and layer["mean_shift"] < 1e-5
+    # the recalibrated program folds and verifies
+    folded = CliRunner().invoke(main, ["fold", str(out), "-o", str(tmp_path / "m.onnx")])
+    assert folded.exit_code == 0 and "verify: PASS" in folded.output
+    recal = torch.export.load(str(out)).state_dict
+    assert int(recal["0.num_batches_tracked"]) == 3  # 600 samples in chunks of 256
+
+
+@pytest.mark.parametrize(
+    "make,phrase",
+    [
+        (lambda x: {"x": x[:1]}, "at least 2"),
+        (lambda x: {"x": np.where(np.arange(4) == 1, np.nan, x)}, "NaN"),
+        (lambda x: {"x": np.where(np.arange(4) == 2, 1.0, x)}, "variance 0"),
+    ],
+)
+def test_cli_recalibrate_bad_data(tmp_path, make, phrase):
+    model, calib = _stale_classifier(tmp_path)
+    x = np.load(calib)["x"]
+    np.savez(tmp_path / "bad.npz", **make(x))
+    result = CliRunner().invoke(
+        main, ["recalibrate", str(model), "--data", str(tmp_path / "bad.npz")]
+    )
+    assert result.exit_code == 2 and phrase in result.output, result.output
+    assert not (tmp_path / "m.recalibrated.pt2").exists()
+
+
+def test_cli_recalibrate_needs_data(tmp_path):
+    model, _ = _stale_classifier(tmp_path)
+    result = CliRunner().invoke(main, ["recalibrate", str(model)])
+    assert result.exit_code == 2 and "--data" in result.output
