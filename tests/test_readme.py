@@ -101,3 +101,25 @@ def test_quick_start_onnx_command_runs_as_written(tmp_path):
     assert "BatchNorm: 4 before, 1 after (3 folded)" in done.stdout
     assert "original 98.22%, ONNX 98.22%" in done.stdout and "98.22%" in section
     assert (work / "models" / "digits_cnn.unfolded.folded.onnx").is_file()
+
+
+def test_stale_model_commands_run_as_written(tmp_path):
+    section = _section("Recalibrating the statistics")
+    commands = [
+        line.strip().split()
+        for line in section.splitlines()
+        if line.strip().startswith("bnexport ") and "models/digits_cnn_stale" in line
+    ]
+    assert [c[1] for c in commands] == ["inspect", "recalibrate", "fold"]
+    work = _workdir(tmp_path)
+    outputs = []
+    for argv in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "bnexport", *argv[1:]], cwd=work, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs.append(done.stdout)
+    assert "stale: 4 of 4 BNs" in outputs[0]
+    shown = re.search(r"(\d+\.\d+)% -> (\d+\.\d+)%", section).groups()
+    assert f"before {shown[0]}%, after {shown[1]}%" in outputs[1]
+    assert "original 99.11%, ONNX 99.11%" in outputs[2] and "99.11%" in section
