@@ -152,8 +152,15 @@ def main() -> None:
     help="Keep the weights in OUT.onnx.data next to OUT.onnx (default: only for models "
     "whose weights exceed 2 GB, which a single ONNX file cannot hold).",
 )
+@click.option(
+    "--recalibrate",
+    type=click.Path(path_type=Path),
+    metavar="CALIB.npz",
+    help="First replace every BN's statistics with those of its input over this data "
+    "(as `bnexport recalibrate` does), then fold, export and verify.",
+)
 @_common
-def fold(model, output, opset, save_folded, external_data, **kw) -> None:
+def fold(model, output, opset, save_folded, external_data, recalibrate, **kw) -> None:
     """Fold MODEL's BatchNorms, export it to ONNX and verify the export."""
     debug = kw.pop("debug")
     opts = _options(
@@ -162,6 +169,7 @@ def fold(model, output, opset, save_folded, external_data, **kw) -> None:
         opset=opset,
         save_folded=save_folded,
         external_data=external_data,
+        recalibrate=recalibrate,
         **kw,
     )
     _run(lambda runs, progress: runs.run_fold(opts, progress), debug)

@@ -96,6 +96,8 @@ def run_report_dict(report: RunReport) -> dict[str, Any]:
         }
     if report.saved_program is not None:
         out["saved_program"] = report.saved_program
+    if report.recalibrated is not None:
+        out["recalibrated"] = report.recalibrated
     verify = verify_dict(report.verify) if report.verify is not None else {"passed": False}
     if report.verify_error:
         verify["passed"] = False
@@ -187,6 +189,13 @@ def _table(console: Console, title: str, header: tuple[str, ...], rows, *, fold_
 
 def render_run(report: RunReport, console: Console) -> None:
     """Print the per-BN table, the ONNX summary and the verification verdict."""
+    if report.recalibrated is not None:
+        r = report.recalibrated
+        console.print(
+            f"recalibrated: {len(r['batchnorm'])} BNs on {r['samples']} samples from "
+            f"{r['data']} (before folding)",
+            markup=False,
+        )
     if report.fold is not None:
         _table(
             console,

@@ -117,6 +117,7 @@ class RunReport:
     saved_program: str | None = None
     warnings: list[str] = field(default_factory=list)
     reference: str = "eval-mode PyTorch"  # what the ONNX file was compared with
+    recalibrated: dict | None = None  # fold --recalibrate: data, samples, BNs
 
     @property
     def verdict(self) -> str:

@@ -57,6 +57,7 @@ class RunOptions:
     save_folded: Path | None = None
     trust_pickle: bool = False
     external_data: bool | None = None  # None: only when the weights exceed the threshold
+    recalibrate: Path | None = None  # calibration data: recalibrate before folding
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
@@ -247,6 +248,7 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
 
     output = Path(opts.output or default_output(opts.model))
     inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
+    inputs += [Path(opts.recalibrate)] if opts.recalibrate else []
     if companion_data(opts.model) is not None:
         inputs.append(companion_data(opts.model))
     data_file = output.with_name(output.name + ".data")
@@ -279,8 +281,13 @@ def _fold_checkpoint(
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
+    original = source.reference()
+    if opts.recalibrate is not None:
+        _recalibrate_before_fold(program, prep, opts, report, progress)
+        original = program.module()  # the recalibrated model is the one the export must match
     progress("running the original model")
-    reference = _record(source.reference(), prep.batches)
+    reference = _record(original, prep.batches)
+    del original
     module_names = source.batchnorm_modules()
     # From here on the traced program is all this run holds of the model: it is folded in
     # place, and (for a large model) each stage's leftovers are freed before the next stage
@@ -337,6 +344,24 @@ def _input_fails_checker_too(model: Path, report: RunReport, exc: Exception) -> 
     return True
 
 
+def _recalibrate_before_fold(program, prep, opts: RunOptions, report: RunReport, progress) -> None:
+    """`fold --recalibrate CALIB.npz`: replace the program's BN statistics in place first."""
+    from bnexport.defaults import DATA_BATCH
+    from bnexport.inputs import load_npz
+    from bnexport.stats.recalibrate import check_calibration_data, recalibrate_program
+
+    calib = load_npz(Path(opts.recalibrate), prep.specs)
+    check_calibration_data(calib, prep.specs)
+    progress("recalibrating BatchNorm statistics")
+    done, left = recalibrate_program(program, list(calib.batches(DATA_BATCH)), str(opts.model))
+    report.recalibrated = {
+        "data": str(opts.recalibrate),
+        "samples": calib.size,
+        "batchnorm": [r.name for r in done],
+        "left": left,
+    }
+
+
 def _fold_onnx_file(
     prep: _Prepared, opts: RunOptions, output: Path, report: RunReport, progress: Progress
 ) -> list:
@@ -348,6 +373,11 @@ def _fold_onnx_file(
     from bnexport.load_onnx import keep_declared_value_info
     from bnexport.render import onnx_metadata
 
+    if opts.recalibrate is not None:
+        raise BadInputError(
+            "--recalibrate recomputes the statistics of a PyTorch checkpoint; an ONNX file "
+            "cannot be recalibrated here. Recalibrate the checkpoint it was exported from."
+        )
     if opts.save_folded is not None:
         raise BadInputError(
             "--save-folded saves a folded torch.export program, which an ONNX input does not "
@@ -458,13 +488,16 @@ def default_recalibrated(model: Path) -> Path:
 def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: Progress = _quiet):
     """Replace every BN's running statistics with the population statistics of its input over
     --data (upstream BNs already recalibrated); write a .pt2 that `bnexport fold` reads."""
-    import torch
-
     from bnexport.defaults import DATA_BATCH
     from bnexport.inputs import example_inputs
     from bnexport.render import write_recalibrate_json
     from bnexport.stats.inspect import inspect_program
-    from bnexport.stats.recalibrate import RecalibrateReport, accuracy, recalibrate_module
+    from bnexport.stats.recalibrate import (
+        RecalibrateReport,
+        accuracy,
+        check_calibration_data,
+        recalibrate_program,
+    )
 
     output = Path(opts.output or default_recalibrated(opts.model))
     inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
@@ -481,17 +514,7 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
             "recalibrate needs data: pass --data CALIB.npz with inputs from the data the model "
             "will see (one array per forward input; labels optional, for accuracy)."
         )
-    if dataset.size < 2:
-        raise BadInputError(
-            f"--data '{dataset.path}' holds {dataset.size} sample(s); a variance needs at least "
-            "2. Pass more calibration data."
-        )
-    for spec, x in zip(prep.specs, dataset.inputs):
-        if x.dtype.is_floating_point and not torch.isfinite(x).all():
-            raise BadInputError(
-                f"--data '{dataset.path}' has NaN or Inf in input '{spec.name}'; statistics "
-                "over it would be NaN. Clean the data and try again."
-            )
+    check_calibration_data(dataset, prep.specs)
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
@@ -502,26 +525,7 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
     module = program.module()
     acc_before = accuracy(module, chunks, dataset.labels)
     progress("recalibrating (one pass over the data)")
-    done, left = recalibrate_module(module, chunks)
-    if not done:
-        raise BadInputError(
-            f"'{opts.model}' has no BatchNorm with running statistics to recalibrate."
-        )
-    for r in done:
-        zero = (r.var <= 0).nonzero().flatten().tolist()
-        if zero:
-            raise BadInputError(
-                f"The input of BatchNorm '{r.name}' has variance 0 over the data in channel(s) "
-                f"{zero[:8]}: the data never varies there, so no statistics can be estimated "
-                "(eps alone would divide). Use more varied calibration data."
-            )
-        for target, value in ((r.mean_target, r.mean), (r.var_target, r.var)):
-            buffer = program.state_dict.get(target, program.constants.get(target))
-            if buffer is not None:
-                buffer.copy_(value.to(buffer.dtype))
-        tracked = r.mean_target[: -len("running_mean")] + "num_batches_tracked"
-        if r.mean_target.endswith("running_mean") and tracked in program.state_dict:
-            program.state_dict[tracked].fill_(len(chunks))
+    done, left = recalibrate_program(program, chunks, str(opts.model))
     acc_after = accuracy(program.module(), chunks, dataset.labels)
     progress("measuring the drift after")
     after = inspect_program(program, str(output), dataset=dataset, dry_run=False)

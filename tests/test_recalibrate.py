@@ -189,3 +189,26 @@ def test_cli_recalibrate_needs_data(tmp_path):
     model, _ = _stale_classifier(tmp_path)
     result = CliRunner().invoke(main, ["recalibrate", str(model)])
     assert result.exit_code == 2 and "--data" in result.output
+
+
+def test_cli_fold_with_recalibrate(tmp_path):
+    model, calib = _stale_classifier(tmp_path)
+    np.savez(tmp_path / "test.npz", **dict(np.load(calib)))
+    result = CliRunner().invoke(
+        main,
+        [
+            "fold",
+            str(model),
+            "--recalibrate",
+            str(calib),
+            "--data",
+            str(tmp_path / "test.npz"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["recalibrated"]["samples"] == 600 and data["recalibrated"]["batchnorm"] == ["0"]
+    assert data["verify"]["passed"] and data["verify"]["accuracy"]["original"] > 0.95
+    assert data["batchnorm"]["folded"] == 1

@@ -113,3 +113,50 @@ def accuracy(module, chunks: Sequence[tuple], labels) -> float | None:
             correct += int((out.argmax(1) == lab).sum())
             seen += out.shape[0]
     return correct / seen if seen else None
+
+
+def check_calibration_data(dataset, specs) -> None:
+    """Refuse data that cannot give statistics: fewer than 2 samples, NaN or Inf."""
+    from bnexport.errors import BadInputError
+
+    if dataset.size < 2:
+        raise BadInputError(
+            f"The calibration data '{dataset.path}' holds {dataset.size} sample(s); a variance "
+            "needs at least 2. Pass more calibration data."
+        )
+    for spec, x in zip(specs, dataset.inputs):
+        if x.dtype.is_floating_point and not torch.isfinite(x).all():
+            raise BadInputError(
+                f"The calibration data '{dataset.path}' has NaN or Inf in input '{spec.name}'; "
+                "statistics over it would be NaN. Clean the data and try again."
+            )
+
+
+def recalibrate_program(
+    program: torch.export.ExportedProgram, chunks: Sequence[tuple], model: str
+) -> tuple[list[Recalibrated], list[str]]:
+    """Recalibrate a program's BNs over `chunks` and write the new statistics (and
+    num_batches_tracked = number of chunks) into its state. Raises BadInputError when it has
+    no BN with running statistics, or a BN's input has variance 0 in some channel."""
+    from bnexport.errors import BadInputError
+
+    done, left = recalibrate_module(program.module(), chunks)
+    if not done:
+        raise BadInputError(f"'{model}' has no BatchNorm with running statistics to recalibrate.")
+    for r in done:
+        zero = (r.var <= 0).nonzero().flatten().tolist()
+        if zero:
+            raise BadInputError(
+                f"The input of BatchNorm '{r.name}' has variance 0 over the data in channel(s) "
+                f"{zero[:8]}: the data never varies there, so no statistics can be estimated "
+                "(eps alone would divide). Use more varied calibration data."
+            )
+    for r in done:
+        for target, value in ((r.mean_target, r.mean), (r.var_target, r.var)):
+            buffer = program.state_dict.get(target, program.constants.get(target))
+            if buffer is not None:
+                buffer.copy_(value.to(buffer.dtype))
+        tracked = r.mean_target[: -len("running_mean")] + "num_batches_tracked"
+        if r.mean_target.endswith("running_mean") and tracked in program.state_dict:
+            program.state_dict[tracked].fill_(len(chunks))
+    return done, left
