@@ -479,10 +479,52 @@ def run_inspect(opts: RunOptions, progress: Progress = _quiet):
     return report
 
 
-def default_recalibrated(model: Path) -> Path:
-    """MODEL.recalibrated.pt2 next to MODEL."""
+def default_recalibrated(model: Path, suffix: str = ".pt2") -> Path:
+    """MODEL.recalibrated.pt2 (or the state_dict's own suffix) next to MODEL."""
     model = Path(model)
-    return model.with_name(model.name.split(".")[0] + ".recalibrated.pt2")
+    return model.with_name(model.name.split(".")[0] + ".recalibrated" + suffix)
+
+
+def _recalibrated_suffix(model: Path) -> str:
+    """The suffix of the file `recalibrate` writes: the input's own format; a .pt2 for a
+    program or a TorchScript archive (converted to a program when loaded)."""
+    from bnexport.load import PICKLED_MODULE, SAFETENSORS, STATE_DICT, detect_format
+
+    fmt = detect_format(Path(model))
+    if fmt in (STATE_DICT, PICKLED_MODULE):
+        return Path(model).suffix or ".pt"
+    return ".safetensors" if fmt == SAFETENSORS else ".pt2"
+
+
+def _write_recalibrated(source, program, output: Path) -> None:
+    """Write the recalibrated model in the input's format: a .pt2 program, or the module's
+    state_dict (same keys) as torch.save or safetensors, or the whole pickled module."""
+    import torch
+
+    from bnexport.files import write_atomic
+    from bnexport.load import PICKLED_MODULE, SAFETENSORS
+
+    module = source.model
+    if not isinstance(module, torch.nn.Module):
+        save_program(program, output, "-o")
+        return
+    state = module.state_dict()
+    with torch.no_grad():
+        for key, value in program.state_dict.items():
+            if key in state and key.rsplit(".", 1)[-1] in _STAT_BUFFERS:
+                state[key].copy_(value)
+    if source.format == SAFETENSORS:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        write_atomic(output, lambda tmp: save_file(tensors, str(tmp)))
+    elif source.format == PICKLED_MODULE:
+        write_atomic(output, lambda tmp: torch.save(module, tmp))
+    else:
+        write_atomic(output, lambda tmp: torch.save(state, tmp))
+
+
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: Progress = _quiet):
@@ -499,8 +541,11 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
         recalibrate_program,
     )
 
-    output = Path(opts.output or default_recalibrated(opts.model))
     inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
+    from bnexport.load import detect_format
+
+    detect_format(Path(opts.model))  # a missing or unreadable model is named first
+    output = Path(opts.output or default_recalibrated(opts.model, _recalibrated_suffix(opts.model)))
     _check_outputs([output, opts.json_path], inputs)
     prep = _prepare(opts, progress)
     source, dataset = prep.source, prep.dataset
@@ -529,8 +574,8 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
     acc_after = accuracy(program.module(), chunks, dataset.labels)
     progress("measuring the drift after")
     after = inspect_program(program, str(output), dataset=dataset, dry_run=False)
-    progress("writing the recalibrated program")
-    save_program(program, output, "-o")
+    progress("writing the recalibrated model")
+    _write_recalibrated(source, program, output)
     layers = [
         {
             "name": b.name,

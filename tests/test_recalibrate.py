@@ -212,3 +212,42 @@ def test_cli_fold_with_recalibrate(tmp_path):
     assert data["recalibrated"]["samples"] == 600 and data["recalibrated"]["batchnorm"] == ["0"]
     assert data["verify"]["passed"] and data["verify"]["accuracy"]["original"] > 0.95
     assert data["batchnorm"]["folded"] == 1
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_cli_recalibrate_writes_the_input_format(tmp_path, suffix):
+    from safetensors.torch import load_file, save_file
+
+    from tests.nets import SmallNet
+
+    model = _stale(SmallNet())
+    path = tmp_path / f"sd{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    x = torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 + 1
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    result = CliRunner().invoke(
+        main,
+        [
+            "recalibrate",
+            str(path),
+            "--arch",
+            "tests.nets:small_net",
+            "--input-shape",
+            "2,1,8,8",
+            "--data",
+            str(tmp_path / "calib.npz"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / f"sd.recalibrated{suffix}"
+    state = torch.load(out) if suffix == ".pt" else load_file(str(out))
+    assert set(state) == set(model.state_dict())
+    m = ChannelMoments()
+    with torch.no_grad():
+        m.add(model.conv(x))
+    assert torch.allclose(state["bn.running_mean"].double(), m.mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(state["bn.running_var"].double(), m.var, rtol=1e-5)
+    assert torch.equal(state["conv.weight"], model.conv.weight)
