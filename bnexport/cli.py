@@ -188,15 +188,21 @@ def verify(model, onnx_file, **kw) -> None:
 
 @main.command(epilog="Exit codes: 0 the inspection ran; 2 bad usage or bad input.")
 @click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    metavar="DRIFT.png",
+    help="Draw the drift of every BN as a PNG (needs --data and matplotlib: bnexport[plot]).",
+)
 @_loading
-def inspect(model, **kw) -> None:
+def inspect(model, plot, **kw) -> None:
     """Show every BatchNorm's statistics, flags and fold decision; with --data, how far the
     running averages are from the data."""
     from bnexport.render import render_inspect
 
     debug = kw.pop("debug")
     opts = _options(model=model, **kw)
-    _run(lambda runs, progress: runs.run_inspect(opts, progress), debug, render_inspect)
+    _run(lambda runs, progress: runs.run_inspect(opts, plot, progress), debug, render_inspect)
 
 
 @main.command(epilog="Exit codes: 0 recalibrated and written; 2 bad usage or bad input.")

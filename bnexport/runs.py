@@ -446,14 +446,19 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     return report
 
 
-def run_inspect(opts: RunOptions, progress: Progress = _quiet):
+def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress = _quiet):
     """Every BN's statistics, flags and fold decision; with data, their drift. Writes only
-    the JSON report (and the plot)."""
+    the JSON report (and the plot of the drift)."""
     from bnexport.render import write_inspect_json
     from bnexport.stats.inspect import inspect_program
 
-    _check_outputs([opts.json_path], [Path(opts.model)])
+    _check_outputs([opts.json_path, plot], [Path(opts.model)])
     prep = _prepare(opts, progress)
+    if plot is not None and prep.dataset is None:
+        raise BadInputError(
+            "--plot draws the drift of each BN against data: pass --data INPUTS.npz (or keep "
+            "MODEL_test.npz next to the model)."
+        )
     source = prep.source
     if source.is_onnx:
         raise BadInputError(
@@ -474,6 +479,10 @@ def run_inspect(opts: RunOptions, progress: Progress = _quiet):
         progress=progress,
     )
     report.warnings[:0] = list(source.warnings)
+    if plot is not None:
+        from bnexport.stats.plot import plot_drift
+
+        plot_drift(report, plot)
     if opts.json_path is not None:
         write_inspect_json(report, opts.json_path)
     return report

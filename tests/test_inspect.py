@@ -168,3 +168,27 @@ def test_cli_inspect_refuses_a_model_without_batchnorm(tmp_path):
     torch.export.save(program, str(tmp_path / "lin.pt2"))
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "lin.pt2")])
     assert result.exit_code == 2 and "no BatchNorm" in result.output
+
+
+def test_cli_inspect_plot_is_a_png(tmp_path):
+    import matplotlib.image
+
+    x = _data()
+    model = InputBN()
+    model.bn.running_var.fill_(30.0)
+    _save(model, tmp_path / "m.pt2", x)
+    png = tmp_path / "drift.png"
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.pt2"), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(str(png))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+
+
+def test_cli_inspect_plot_needs_data(tmp_path):
+    torch.export.save(_program(InputBN()), str(tmp_path / "m.pt2"))
+    result = CliRunner().invoke(
+        main, ["inspect", str(tmp_path / "m.pt2"), "--plot", str(tmp_path / "d.png")]
+    )
+    assert result.exit_code == 2 and "--data" in result.output
+    assert not (tmp_path / "d.png").exists()

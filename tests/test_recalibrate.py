@@ -251,3 +251,34 @@ def test_cli_recalibrate_writes_the_input_format(tmp_path, suffix):
     assert torch.allclose(state["bn.running_mean"].double(), m.mean, rtol=1e-5, atol=1e-6)
     assert torch.allclose(state["bn.running_var"].double(), m.var, rtol=1e-5)
     assert torch.equal(state["conv.weight"], model.conv.weight)
+
+
+def test_domain_shift_repaired_on_unlabelled_target_data(tmp_path):
+    """Statistics fitted to the source domain; the target is contrast-reduced and brightened
+    (0.3 x + 2). Recalibrating on unlabelled target inputs restores the accuracy."""
+    gen = torch.Generator().manual_seed(3)
+    source = torch.randn(2000, 4, generator=gen)
+    labels = (source[:, 0] + source[:, 1] > 0).long()
+    target = 0.3 * source + 2
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-1.0, -1.0, 0, 0], [1.0, 1.0, 0, 0]]))
+        model[1].bias.zero_()
+        model[0].running_mean.copy_(source.mean(0))
+        model[0].running_var.copy_(source.var(0))
+    program = torch.export.export(
+        model, (target[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+    )
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "target.npz", x=target.numpy())  # unlabelled
+    result = CliRunner().invoke(
+        main, ["recalibrate", str(tmp_path / "m.pt2"), "--data", str(tmp_path / "target.npz")]
+    )
+    assert result.exit_code == 0, result.output
+
+    def accuracy(m):
+        with torch.no_grad():
+            return float((m(target).argmax(1) == labels).float().mean())
+
+    repaired = torch.export.load(str(tmp_path / "m.recalibrated.pt2")).module()
+    assert accuracy(model) < 0.75 and accuracy(repaired) > 0.98
