@@ -5,10 +5,10 @@ For each watched node, per channel (axis 1) over every other axis and every batc
     mean = sum(x) / n,    var = sum((x - mean)^2) / (n - 1)   (unbiased, PyTorch's running_var)
 
 accumulated batch by batch with Chan's parallel update (counts, means and sums of squared
-deviations merged exactly), so the result does not depend on how the data is batched. Means
-come from float64 sums; each batch's spread from torch's one-pass variance in the tensor's own
-float32 (relative error about 1e-7), which keeps a pass over large activations about as cheap
-as the forward pass.
+deviations merged exactly), so the result does not depend on how the data is batched. Each
+batch's mean and spread come from torch's one-pass `var_mean` in the tensor's own float32
+(relative error about 1e-7 of the spread), a float64 sum replacing the mean where it exceeds
+LARGE_MEAN standard deviations; so a pass over large activations costs about one BN.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 F64 = torch.float64
+LARGE_MEAN = 10.0  # |mean| / std above which a float32 mean is recomputed in float64
 
 
 class ChannelMoments:
@@ -39,10 +40,14 @@ class ChannelMoments:
         n = x.numel() // x.shape[1]
         if n == 0:
             return
-        # the mean from a float64 sum (exact whatever its size against the spread); the
-        # spread from torch's one-pass variance in x's dtype (relative error about 1e-7)
-        mean = x.sum(dim=dims, dtype=F64) / n
-        m2 = torch.var(x, dim=dims, correction=0).to(F64) * n
+        # one pass of torch's variance and mean in x's dtype (relative error about 1e-7 of
+        # the spread); where the mean is large against the spread, its rounding would matter,
+        # and it is taken again from a float64 sum
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        var, mean = var.to(F64), mean.to(F64)
+        if bool((mean.abs() > LARGE_MEAN * var.sqrt()).any()):
+            mean = x.sum(dim=dims, dtype=F64) / n
+        m2 = var * n
         if self.mean is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
