@@ -446,6 +446,25 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     return report
 
 
+def _flag_training_mode(source, report) -> None:
+    """Flag the BN modules of a module saved in training mode (traced in eval mode, so the
+    program alone does not show it)."""
+    import torch
+
+    from bnexport.stats.inspect import TRAINING_MODE
+
+    if not isinstance(source.model, torch.nn.Module):
+        return
+    training = {
+        name
+        for name, m in source.model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+    }
+    for entry in report.batchnorm:
+        if entry.name in training and TRAINING_MODE not in entry.flags:
+            entry.flags.append(TRAINING_MODE)
+
+
 def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress = _quiet):
     """Every BN's statistics, flags and fold decision; with data, their drift. Writes only
     the JSON report (and the plot of the drift)."""
@@ -479,6 +498,7 @@ def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress =
         progress=progress,
     )
     report.warnings[:0] = list(source.warnings)
+    _flag_training_mode(source, report)
     if plot is not None:
         from bnexport.stats.plot import plot_drift
 

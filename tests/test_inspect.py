@@ -204,3 +204,26 @@ def test_cli_inspect_plot_needs_data(tmp_path):
     )
     assert result.exit_code == 2 and "--data" in result.output
     assert not (tmp_path / "d.png").exists()
+
+
+def test_cli_inspect_flags_a_module_saved_in_training_mode(tmp_path):
+    from tests.nets import SmallNet
+
+    model = SmallNet().train()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save(model, tmp_path / "whole.pt")
+    result = CliRunner().invoke(
+        main,
+        [
+            "inspect",
+            str(tmp_path / "whole.pt"),
+            "--trust-pickle",
+            "--input-shape",
+            "2,1,8,8",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    entry = json.loads((tmp_path / "r.json").read_text())["batchnorm"][0]
+    assert "saved in training mode" in entry["flags"]
