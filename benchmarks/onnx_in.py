@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.nets import reference_models, train_statistics  # noqa: E402
 from benchmarks.peer_fold_cases import PEERS, count_bn  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 from bnexport.runs import RunOptions, run_fold  # noqa: E402
 
 PEER_NAMES = ("onnxoptimizer", "onnxslim", "onnxsim", "onnxscript")
@@ -144,15 +145,6 @@ class Float64Truth:
         return worst
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run_bnexport(path: Path, out: Path) -> float:
     """Run `bnexport fold`; return the seconds of its fold + write stages alone."""
     marks: dict[str, float] = {}
@@ -183,7 +175,7 @@ def bench_file(name: str, path: Path, model: nn.Module, reps: int, work: Path) -
     out = work / f"{name}.bnexport.onnx"
     run_bnexport(path, out)  # warm-up: imports and first-call costs are not the tool's time
     stages: list[float] = []
-    seconds = _median_time(lambda: stages.append(run_bnexport(path, out)), reps)
+    seconds = median_time(lambda: stages.append(run_bnexport(path, out)), reps)
     left, err = count_bn(onnx.load(str(out))), truth.error(out)
     alone = statistics.median(stages)
     note = f"verification included; fold + write alone {alone:.3f} s"
@@ -192,7 +184,7 @@ def bench_file(name: str, path: Path, model: nn.Module, reps: int, work: Path) -
         out = work / f"{name}.{peer}.onnx"
         try:
             note = run_peer(peer, path, out)
-            seconds = _median_time(lambda p=peer, o=out: run_peer(p, path, o), reps)
+            seconds = median_time(lambda p=peer, o=out: run_peer(p, path, o), reps)
             left, err = count_bn(onnx.load(str(out))), truth.error(out)
         except Exception as exc:  # noqa: BLE001 - a peer's failure is a result
             left, err, seconds, note = None, None, None, f"error: {str(exc)[:60]}"

@@ -1,6 +1,7 @@
 """Recalibration: bnexport's one-pass recalibration against `torch.optim.swa_utils.update_bn`.
 
     python benchmarks/recalibrate.py          # writes benchmarks/results_recalibrate.md
+    python benchmarks/recalibrate.py --quick  # the small models, one repetition
 
 On the same model (stale statistics) and the same data, in this process, median of 3:
 
@@ -21,9 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.nets import MLP, PreActResNet18  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 from bnexport.stats.population import ChannelMoments  # noqa: E402
 from bnexport.stats.recalibrate import recalibrate_module  # noqa: E402
 from models.architectures import digits_cnn  # noqa: E402
@@ -55,17 +55,18 @@ def _stale(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
+def cases(quick: bool = False) -> list[tuple[str, nn.Module, torch.Tensor]]:
     stale = digits_cnn()
     program = torch.export.load(str(ROOT / "models" / "digits_cnn_stale.pt2"))
     stale.load_state_dict(program.state_dict, strict=False)
     calib = torch.from_numpy(np.load(ROOT / "models" / "digits_cnn_stale_calib.npz")["x"])
     gen = torch.Generator().manual_seed(1)
-    return [
+    found = [
         ("digits_cnn_stale (shipped)", stale.eval(), calib),
         ("preact_resnet18", _stale(PreActResNet18()), torch.randn(1024, 3, 32, 32, generator=gen)),
         ("mlp_input_bn", _stale(MLP()), torch.randn(4096, 64, generator=gen) * 2 + 1),
     ]
+    return [c for c in found if not quick or c[0] != "preact_resnet18"]
 
 
 def fixed_point_error(model: nn.Module, data: torch.Tensor) -> float:
@@ -115,18 +116,10 @@ def theirs(model: nn.Module, data: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the small models, one repetition")
+    parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_recalibrate.md")
     opts = parser.parse_args(argv)
     lines = [
@@ -137,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         "fixed-point error, bnexport | fixed-point error, update_bn |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, model, data in cases():
+    reps = opts.reps or (1 if opts.quick else 3)
+    for name, model, data in cases(opts.quick):
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         program = program_of(model, data)
-        a = _median_time(lambda m=model, d=data, p=program: ours(m, d, p), opts.reps)
-        b = _median_time(lambda m=model, d=data: theirs(m, d), opts.reps)
+        a = median_time(lambda m=model, d=data, p=program: ours(m, d, p), reps)
+        b = median_time(lambda m=model, d=data: theirs(m, d), reps)
         err_a = fixed_point_error(ours(model, data, program), data)
         err_b = fixed_point_error(theirs(model, data), data)
         lines.append(

@@ -253,10 +253,23 @@ def render_run(report: RunReport, console: Console) -> None:
     )
 
 
-def write_json(report: RunReport, path: str | Path) -> None:
+def report_dict(report) -> dict[str, Any]:
+    """The JSON form of any command's report (fold/verify, inspect, recalibrate)."""
+    from bnexport.report import RunReport
+    from bnexport.stats.inspect import InspectReport
+
+    if isinstance(report, RunReport):
+        return run_report_dict(report)
+    if isinstance(report, InspectReport):
+        return inspect_dict(report)
+    return recalibrate_dict(report)
+
+
+def write_json(report, path: str | Path) -> None:
+    """Write any command's JSON report atomically."""
     from bnexport.files import write_text_atomic
 
-    write_text_atomic(Path(path), run_report_json(report))
+    write_text_atomic(Path(path), json.dumps(report_dict(report), indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- inspect
@@ -292,12 +305,6 @@ def inspect_dict(report) -> dict[str, Any]:
     if report.data is not None:
         out["data"] = {"path": report.data, "samples": report.data_size}
     return out
-
-
-def write_inspect_json(report, path: str | Path) -> None:
-    from bnexport.files import write_text_atomic
-
-    write_text_atomic(Path(path), json.dumps(inspect_dict(report), indent=2) + "\n")
 
 
 def _fold_cell(fold: dict) -> str:
@@ -354,12 +361,6 @@ def recalibrate_dict(report) -> dict[str, Any]:
     if report.accuracy_before is not None:
         out["accuracy"] = {"before": report.accuracy_before, "after": report.accuracy_after}
     return out
-
-
-def write_recalibrate_json(report, path: str | Path) -> None:
-    from bnexport.files import write_text_atomic
-
-    write_text_atomic(Path(path), json.dumps(recalibrate_dict(report), indent=2) + "\n")
 
 
 def render_recalibrate(report, console: Console) -> None:

@@ -468,7 +468,7 @@ def _flag_training_mode(source, report) -> None:
 def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress = _quiet):
     """Every BN's statistics, flags and fold decision; with data, their drift. Writes only
     the JSON report (and the plot of the drift)."""
-    from bnexport.render import write_inspect_json
+    from bnexport.render import write_json
     from bnexport.stats.inspect import inspect_program
 
     _check_outputs([opts.json_path, plot], [Path(opts.model)])
@@ -504,7 +504,7 @@ def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress =
 
         plot_drift(report, plot)
     if opts.json_path is not None:
-        write_inspect_json(report, opts.json_path)
+        write_json(report, opts.json_path)
     return report
 
 
@@ -561,7 +561,7 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
     --data (upstream BNs already recalibrated); write a .pt2 that `bnexport fold` reads."""
     from bnexport.defaults import DATA_BATCH
     from bnexport.inputs import example_inputs
-    from bnexport.render import write_recalibrate_json
+    from bnexport.render import write_json
     from bnexport.stats.inspect import inspect_program
     from bnexport.stats.recalibrate import (
         RecalibrateReport,
@@ -630,5 +630,5 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
         list(source.warnings),
     )
     if opts.json_path is not None:
-        write_recalibrate_json(report, opts.json_path)
+        write_json(report, opts.json_path)
     return report

@@ -39,3 +39,14 @@ def test_quick_onnx_in_benchmark(tmp_path):
     for r in rows:
         assert int(r[3]) == 0  # every BN of these models folds
         assert float(r[4]) < 1e-5  # error against the float64 model
+
+
+@pytest.mark.slow
+def test_quick_recalibrate_benchmark(tmp_path):
+    from benchmarks import recalibrate
+
+    out = tmp_path / "recal.md"
+    assert recalibrate.main(["--quick", "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if "| mlp" in line]
+    assert len(rows) == 1
+    assert float(rows[0][6]) <= 1e-6  # bnexport's fixed-point error
