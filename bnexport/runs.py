@@ -570,7 +570,12 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
         recalibrate_program,
     )
 
-    inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
+    if opts.data is None:  # never the held-out MODEL_test.npz by default
+        raise BadInputError(
+            "recalibrate needs data: pass --data CALIB.npz with inputs from the data the model "
+            "will see (one array per forward input; labels optional, for accuracy)."
+        )
+    inputs = [Path(opts.model), Path(opts.data)]
     from bnexport.load import detect_format
 
     detect_format(Path(opts.model))  # a missing or unreadable model is named first
@@ -582,11 +587,6 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
         raise BadInputError(
             f"'{opts.model}' is an ONNX model; `bnexport recalibrate` recomputes the statistics "
             "of PyTorch checkpoints. Recalibrate the checkpoint, then export it."
-        )
-    if dataset is None:
-        raise BadInputError(
-            "recalibrate needs data: pass --data CALIB.npz with inputs from the data the model "
-            "will see (one array per forward input; labels optional, for accuracy)."
         )
     check_calibration_data(dataset, prep.specs)
     program = source.to_program(

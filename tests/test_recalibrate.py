@@ -282,3 +282,11 @@ def test_domain_shift_repaired_on_unlabelled_target_data(tmp_path):
 
     repaired = torch.export.load(str(tmp_path / "m.recalibrated.pt2")).module()
     assert accuracy(model) < 0.75 and accuracy(repaired) > 0.98
+
+
+def test_recalibrate_never_takes_the_held_out_split_by_default(tmp_path):
+    model, calib = _stale_classifier(tmp_path)
+    np.savez(tmp_path / "m_test.npz", **dict(np.load(calib)))  # a companion test split
+    result = CliRunner().invoke(main, ["recalibrate", str(model)])
+    assert result.exit_code == 2 and "--data" in result.output
+    assert not (tmp_path / "m.recalibrated.pt2").exists()
