@@ -346,14 +346,17 @@ def _input_fails_checker_too(model: Path, report: RunReport, exc: Exception) -> 
 
 def _recalibrate_before_fold(program, prep, opts: RunOptions, report: RunReport, progress) -> None:
     """`fold --recalibrate CALIB.npz`: replace the program's BN statistics in place first."""
-    from bnexport.defaults import DATA_BATCH
     from bnexport.inputs import load_npz
     from bnexport.stats.recalibrate import check_calibration_data, recalibrate_program
 
     calib = load_npz(Path(opts.recalibrate), prep.specs)
     check_calibration_data(calib, prep.specs)
     progress("recalibrating BatchNorm statistics")
-    done, left = recalibrate_program(program, list(calib.batches(DATA_BATCH)), str(opts.model))
+    batching = _data_batching(prep, None)
+    size = batching["batch_size"]
+    chunks = [c for c in calib.batches(size) if not batching["fixed_batch"] or len(c[0]) == size]
+    _check_chunks(chunks, size, calib)
+    done, left = recalibrate_program(program, chunks, str(opts.model))
     report.recalibrated = {
         "data": str(opts.recalibrate),
         "samples": calib.size,
@@ -461,8 +464,28 @@ def _flag_training_mode(source, report) -> None:
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
     }
     for entry in report.batchnorm:
-        if entry.name in training and TRAINING_MODE not in entry.flags:
+        if entry.name.split(" (call ")[0] in training and TRAINING_MODE not in entry.flags:
             entry.flags.append(TRAINING_MODE)
+
+
+def _check_chunks(chunks: list, size: int, dataset) -> None:
+    if sum(len(c[0]) for c in chunks) < 2:
+        raise BadInputError(
+            f"The model's batch is fixed to {size}, and the {dataset.size} rows of "
+            f"'{dataset.path}' do not give two samples in full batches of it. Pass more data, "
+            "or export the model with a dynamic batch axis."
+        )
+
+
+def _data_batching(prep: _Prepared, batch_size: int | None) -> dict:
+    """Chunks of the data for a pass over it: `batch_size` (default DATA_BATCH), or the fixed
+    batch of a static-batch model (leftover rows are not used)."""
+    from bnexport.defaults import DATA_BATCH
+    from bnexport.inputs import fixed_batch
+
+    if prep.dynamic:
+        return {"batch_size": batch_size or DATA_BATCH, "fixed_batch": False}
+    return {"batch_size": fixed_batch(prep.specs), "fixed_batch": True}
 
 
 def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress = _quiet):
@@ -496,6 +519,7 @@ def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress =
         module_names=source.batchnorm_modules(),
         dataset=prep.dataset,
         progress=progress,
+        **_data_batching(prep, None),
     )
     report.warnings[:0] = list(source.warnings)
     _flag_training_mode(source, report)
@@ -559,7 +583,6 @@ _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: Progress = _quiet):
     """Replace every BN's running statistics with the population statistics of its input over
     --data (upstream BNs already recalibrated); write a .pt2 that `bnexport fold` reads."""
-    from bnexport.defaults import DATA_BATCH
     from bnexport.inputs import example_inputs
     from bnexport.render import write_json
     from bnexport.stats.inspect import inspect_program
@@ -592,17 +615,19 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
-    size = batch_size or DATA_BATCH
-    chunks = list(dataset.batches(size))
+    batching = _data_batching(prep, batch_size)
+    size = batching["batch_size"]
+    chunks = [c for c in dataset.batches(size) if not batching["fixed_batch"] or len(c[0]) == size]
+    _check_chunks(chunks, size, dataset)
     progress("measuring the drift before")
-    before = inspect_program(program, str(opts.model), dataset=dataset)
+    before = inspect_program(program, str(opts.model), dataset=dataset, **batching)
     module = program.module()
     acc_before = accuracy(module, chunks, dataset.labels)
     progress("recalibrating (one pass over the data)")
     done, left = recalibrate_program(program, chunks, str(opts.model))
     acc_after = accuracy(program.module(), chunks, dataset.labels)
     progress("measuring the drift after")
-    after = inspect_program(program, str(output), dataset=dataset, dry_run=False)
+    after = inspect_program(program, str(output), dataset=dataset, dry_run=False, **batching)
     progress("writing the recalibrated model")
     _write_recalibrated(source, program, output)
     layers = [

@@ -290,3 +290,66 @@ def test_recalibrate_never_takes_the_held_out_split_by_default(tmp_path):
     result = CliRunner().invoke(main, ["recalibrate", str(model)])
     assert result.exit_code == 2 and "--data" in result.output
     assert not (tmp_path / "m.recalibrated.pt2").exists()
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.c1(x))
+        return self.bn(self.c2(y) * 3 + 1).mean((2, 3))
+
+
+def _save_and_data(tmp_path, model, x, static=False):
+    dyn = None if static else ({0: torch.export.Dim.AUTO},)
+    torch.export.save(
+        torch.export.export(model, (x[:4],), dynamic_shapes=dyn), str(tmp_path / "m.pt2")
+    )
+    np.savez(tmp_path / "d.npz", x=x.numpy())
+    return tmp_path / "m.pt2", tmp_path / "d.npz"
+
+
+def test_recalibrate_refuses_a_bn_called_twice(tmp_path):
+    model, data = _save_and_data(tmp_path, SharedBN().eval(), torch.randn(40, 3, 8, 8))
+    result = CliRunner().invoke(main, ["recalibrate", str(model), "--data", str(data)])
+    assert result.exit_code == 2 and "called more than once" in result.output
+    assert not (tmp_path / "m.recalibrated.pt2").exists()
+
+
+def test_recalibrate_refuses_a_bn_saved_in_training_mode(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    m.eval()
+    m[3].train()
+    model, data = _save_and_data(tmp_path, m, torch.randn(30, 3, 8, 8))
+    result = CliRunner().invoke(main, ["recalibrate", str(model), "--data", str(data)])
+    assert result.exit_code == 2 and "training mode" in result.output
+
+
+def test_inspect_leaves_a_training_mode_program_unchanged(tmp_path):
+    from bnexport.stats.inspect import inspect_program
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    program = torch.export.export(m, (torch.randn(4, 3, 8, 8),))
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+
+    class Data:
+        inputs, path, labels, size = (torch.randn(8, 3, 8, 8),), "d", None, 8
+
+        def batches(self, n):
+            yield (self.inputs[0][:4],)
+            yield (self.inputs[0][4:],)
+
+    inspect_program(program, "m", dataset=Data(), batch_size=4, fixed_batch=True)
+    assert all(torch.equal(before[k], v) for k, v in program.state_dict.items())
+
+
+def test_static_batch_model_is_inspected_and_recalibrated_in_its_batch(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(1)).eval()
+    model, data = _save_and_data(tmp_path, _stale(m), torch.randn(10, 3, 8, 8), static=True)
+    result = CliRunner().invoke(main, ["inspect", str(model), "--data", str(data)])
+    assert result.exit_code == 0 and "only 8 of the 10 rows" in result.output
+    result = CliRunner().invoke(main, ["recalibrate", str(model), "--data", str(data)])
+    assert result.exit_code == 0, result.output

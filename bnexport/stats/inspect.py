@@ -154,6 +154,8 @@ def inspect_program(
     dataset=None,
     progress=lambda _: None,
     dry_run: bool = True,
+    batch_size: int | None = None,
+    fixed_batch: bool = False,
 ) -> InspectReport:
     """Inspect every BN call of an eval-mode program (the program is not changed).
 
@@ -234,11 +236,14 @@ def inspect_program(
         called = [e for e in entries if e.input_node is not None]
         module = program.module()
         names = _module_names(program, module)
-        moments = input_moments(
-            module,
-            [names.get(e.input_node, e.input_node) for e in called],
-            dataset.batches(DATA_BATCH),
-        )
+        size = batch_size or DATA_BATCH
+        # a static-batch program takes only full batches of its own size
+        batches = [b for b in dataset.batches(size) if not fixed_batch or b[0].shape[0] == size]
+        with preserved_statistics(program):  # a training-mode BN would update them
+            moments = input_moments(
+                module, [names.get(e.input_node, e.input_node) for e in called], batches
+            )
+        used = sum(int(b[0].shape[0]) for b in batches)
         for e, call in zip(called, calls):
             m = moments[names.get(e.input_node, e.input_node)]
             mean, var = tensor(call.running_mean), tensor(call.running_var)
@@ -247,7 +252,12 @@ def inspect_program(
             e.mean_shift, e.var_ratio = drift(mean, var, m.mean, m.var, e.eps)
             if e.mean_shift > MEAN_SHIFT_LIMIT or e.var_ratio > VAR_RATIO_LIMIT:
                 e.flags.append(STALE)
-        report.data, report.data_size = dataset.path, dataset.size
+        report.data, report.data_size = dataset.path, used
+        if used < dataset.size:
+            report.warnings.append(
+                f"only {used} of the {dataset.size} rows of {dataset.path} were used: the "
+                f"model's batch is fixed to {size}"
+            )
     return report
 
 
@@ -258,3 +268,24 @@ def _module_names(program: torch.export.ExportedProgram, module) -> dict[str, st
     ours = [n.name for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
     theirs = [n.name for n in module.graph.nodes if n.op == "placeholder"]
     return dict(zip(ours, theirs))
+
+
+class preserved_statistics:
+    """Restore a program's running statistics on exit (a pass over data through a module of a
+    training-mode program updates them in place)."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        self.program = program
+
+    def __enter__(self):
+        self.saved = {
+            k: v.clone()
+            for k, v in self.program.state_dict.items()
+            if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        }
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for k, v in self.saved.items():
+                self.program.state_dict[k].copy_(v)

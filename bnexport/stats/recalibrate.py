@@ -45,8 +45,29 @@ def recalibrate_module(
     """Recalibrate the BNs of an eval-mode graph module in place over `chunks` (tuples of
     forward inputs). Returns the new statistics and the names of BNs left (no running
     statistics)."""
+    from bnexport.errors import BadInputError
+
     graph = module.graph
     nodes = list(graph.nodes)
+    seen: dict[str, str] = {}
+    for node in nodes:
+        bn = match_batchnorm(node) if node.op == "call_function" else None
+        target = _buffer_target(bn.running_mean) if bn is not None else None
+        if target is None:
+            continue
+        if bn.uses_batch_stats:
+            raise BadInputError(
+                f"BatchNorm '{bn.name}' was saved in training mode (it normalizes with batch "
+                "statistics), so its running statistics are not what the model uses. Export "
+                "the model from model.eval() and recalibrate that."
+            )
+        if target in seen:
+            raise BadInputError(
+                f"BatchNorm '{bn.name}' is called more than once in forward, on different "
+                "inputs; one set of running statistics cannot be the population statistics of "
+                "each of them, so it cannot be recalibrated. Give each call its own BatchNorm."
+            )
+        seen[target] = bn.name
     last_use: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         for arg in node.all_input_nodes:
@@ -105,10 +126,12 @@ def accuracy(module, chunks: Sequence[tuple], labels) -> float | None:
     correct = seen = 0
     with torch.no_grad():
         for chunk in chunks:
-            out = module(*chunk)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            if out.dim() != 2:
+            from bnexport.verify import as_outputs
+
+            arrays = as_outputs(module(*chunk)).arrays
+            if not arrays or arrays[0].ndim != 2:
                 return None
+            out = torch.from_numpy(arrays[0])
             lab = torch.as_tensor(labels[seen : seen + out.shape[0]])
             correct += int((out.argmax(1) == lab).sum())
             seen += out.shape[0]
