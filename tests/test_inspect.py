@@ -227,3 +227,10 @@ def test_cli_inspect_flags_a_module_saved_in_training_mode(tmp_path):
     assert result.exit_code == 0, result.output
     entry = json.loads((tmp_path / "r.json").read_text())["batchnorm"][0]
     assert "saved in training mode" in entry["flags"]
+
+
+def test_verdict_without_any_running_statistics():
+    model = InputBN()
+    model.bn = nn.BatchNorm1d(5, track_running_stats=False)
+    report = inspect_program(_program(model), "m", dataset=_Data(_data(100)))
+    assert report.verdict == "no BN has running statistics to compare with the data"

@@ -74,6 +74,8 @@ class InspectReport:
             if flagged:
                 return f"{base}; {len(flagged)} of {len(self.batchnorm)} BNs flagged"
             return f"{base}; no BN flagged"
+        if not any(b.mean_shift is not None for b in self.batchnorm):
+            return "no BN has running statistics to compare with the data"
         if self.stale:
             names = ", ".join(b.name for b in self.stale[:5])
             more = ", ..." if len(self.stale) > 5 else ""
@@ -81,7 +83,8 @@ class InspectReport:
                 f"stale: {len(self.stale)} of {len(self.batchnorm)} BNs ({names}{more}) do not "
                 f"fit the data; `bnexport recalibrate` would replace their statistics"
             )
-        return f"the statistics fit the data ({len(self.batchnorm)} BNs)"
+        measured = sum(b.mean_shift is not None for b in self.batchnorm)
+        return f"the statistics fit the data ({measured} BNs compared)"
 
 
 def _summary(t: torch.Tensor | None) -> dict[str, float] | None:
