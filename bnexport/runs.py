@@ -257,7 +257,6 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     report = RunReport("fold", str(opts.model), str(output), warnings=list(prep.source.warnings))
     if prep.onnx_in:
         report.reference = ONNX_REFERENCE
-    if prep.onnx_in:
         reference = _fold_onnx_file(prep, opts, output, report, progress)
     else:
         reference = _fold_checkpoint(prep, opts, output, report, progress)
@@ -352,10 +351,7 @@ def _recalibrate_before_fold(program, prep, opts: RunOptions, report: RunReport,
     calib = load_npz(Path(opts.recalibrate), prep.specs)
     check_calibration_data(calib, prep.specs)
     progress("recalibrating BatchNorm statistics")
-    batching = _data_batching(prep, None)
-    size = batching["batch_size"]
-    chunks = [c for c in calib.batches(size) if not batching["fixed_batch"] or len(c[0]) == size]
-    _check_chunks(chunks, size, calib)
+    chunks, _ = _data_chunks(prep, calib, None)
     done, left = recalibrate_program(program, chunks, str(opts.model))
     report.recalibrated = {
         "data": str(opts.recalibrate),
@@ -468,13 +464,19 @@ def _flag_training_mode(source, report) -> None:
             entry.flags.append(TRAINING_MODE)
 
 
-def _check_chunks(chunks: list, size: int, dataset) -> None:
+def _data_chunks(prep: _Prepared, dataset, batch_size: int | None) -> tuple[list, dict]:
+    """The chunks of `dataset` for a pass over it (see `_data_batching`) and that batching;
+    refused when they hold fewer than two samples."""
+    batching = _data_batching(prep, batch_size)
+    size = batching["batch_size"]
+    chunks = [c for c in dataset.batches(size) if not batching["fixed_batch"] or len(c[0]) == size]
     if sum(len(c[0]) for c in chunks) < 2:
         raise BadInputError(
             f"The model's batch is fixed to {size}, and the {dataset.size} rows of "
             f"'{dataset.path}' do not give two samples in full batches of it. Pass more data, "
             "or export the model with a dynamic batch axis."
         )
+    return chunks, batching
 
 
 def _data_batching(prep: _Prepared, batch_size: int | None) -> dict:
@@ -491,6 +493,7 @@ def _data_batching(prep: _Prepared, batch_size: int | None) -> dict:
 def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress = _quiet):
     """Every BN's statistics, flags and fold decision; with data, their drift. Writes only
     the JSON report (and the plot of the drift)."""
+    from bnexport.inputs import example_inputs
     from bnexport.render import write_json
     from bnexport.stats.inspect import inspect_program
 
@@ -507,8 +510,6 @@ def run_inspect(opts: RunOptions, plot: Path | None = None, progress: Progress =
             f"'{opts.model}' is an ONNX model; `bnexport inspect` reads the statistics of "
             "PyTorch checkpoints. Inspect the checkpoint it was exported from."
         )
-    from bnexport.inputs import example_inputs
-
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
@@ -556,6 +557,7 @@ def _write_recalibrated(source, program, output: Path) -> None:
 
     from bnexport.files import write_atomic
     from bnexport.load import PICKLED_MODULE, SAFETENSORS
+    from bnexport.stats.population import STATISTICS_BUFFERS
 
     module = source.model
     if not isinstance(module, torch.nn.Module):
@@ -564,7 +566,7 @@ def _write_recalibrated(source, program, output: Path) -> None:
     state = module.state_dict()
     with torch.no_grad():
         for key, value in program.state_dict.items():
-            if key in state and key.rsplit(".", 1)[-1] in _STAT_BUFFERS:
+            if key in state and key.rsplit(".", 1)[-1] in STATISTICS_BUFFERS:
                 state[key].copy_(value)
     if source.format == SAFETENSORS:
         from safetensors.torch import save_file
@@ -577,13 +579,11 @@ def _write_recalibrated(source, program, output: Path) -> None:
         write_atomic(output, lambda tmp: torch.save(state, tmp))
 
 
-_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
 def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: Progress = _quiet):
     """Replace every BN's running statistics with the population statistics of its input over
     --data (upstream BNs already recalibrated); write a .pt2 that `bnexport fold` reads."""
     from bnexport.inputs import example_inputs
+    from bnexport.load import detect_format
     from bnexport.render import write_json
     from bnexport.stats.inspect import inspect_program
     from bnexport.stats.recalibrate import (
@@ -599,8 +599,6 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
             "will see (one array per forward input; labels optional, for accuracy)."
         )
     inputs = [Path(opts.model), Path(opts.data)]
-    from bnexport.load import detect_format
-
     detect_format(Path(opts.model))  # a missing or unreadable model is named first
     output = Path(opts.output or default_recalibrated(opts.model, _recalibrated_suffix(opts.model)))
     _check_outputs([output, opts.json_path], inputs)
@@ -615,14 +613,11 @@ def run_recalibrate(opts: RunOptions, batch_size: int | None = None, progress: P
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
-    batching = _data_batching(prep, batch_size)
-    size = batching["batch_size"]
-    chunks = [c for c in dataset.batches(size) if not batching["fixed_batch"] or len(c[0]) == size]
-    _check_chunks(chunks, size, dataset)
+    chunks, batching = _data_chunks(prep, dataset, batch_size)
     progress("measuring the drift before")
-    before = inspect_program(program, str(opts.model), dataset=dataset, **batching)
-    module = program.module()
-    acc_before = accuracy(module, chunks, dataset.labels)
+    # the report needs only the drift: no dry run of the fold engine
+    before = inspect_program(program, str(opts.model), dataset=dataset, dry_run=False, **batching)
+    acc_before = accuracy(program.module(), chunks, dataset.labels)
     progress("recalibrating (one pass over the data)")
     done, left = recalibrate_program(program, chunks, str(opts.model))
     acc_after = accuracy(program.module(), chunks, dataset.labels)

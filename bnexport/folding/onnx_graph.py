@@ -108,12 +108,6 @@ class OnnxGraph:
             return None
         return tuple(_dim_expr(d) for d in dims)
 
-    def static_shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
-        shape = self.shape(value)
-        if shape is None or not all(d.is_Integer for d in shape):
-            return None
-        return tuple(int(d) for d in shape)
-
     def fresh_name(self, base: str) -> str:
         """A name used by no value and no node anywhere in the model."""
         taken = self._names()

@@ -19,6 +19,7 @@ import torch
 
 from bnexport.folding.checks import FLOAT16_MAX
 from bnexport.folding.math import bn_scale_shift
+from bnexport.stats.population import STATISTICS_BUFFERS
 
 MEAN_SHIFT_LIMIT = 0.5
 VAR_RATIO_LIMIT = 2.0
@@ -284,7 +285,7 @@ class preserved_statistics:
         self.saved = {
             k: v.clone()
             for k, v in self.program.state_dict.items()
-            if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+            if k.rsplit(".", 1)[-1] in STATISTICS_BUFFERS
         }
         return self
 

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 F64 = torch.float64
+STATISTICS_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 LARGE_MEAN = 10.0  # |mean| / std above which a float32 mean is recomputed in float64
 
 
