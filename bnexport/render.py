@@ -13,7 +13,7 @@ from bnexport.version import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from bnexport.report import FoldReport, RunReport
+    from bnexport.report import FoldDecision, FoldReport, RunReport
     from bnexport.verify import VerifyResult
 
 
@@ -29,6 +29,8 @@ def fold_report_dict(report: FoldReport) -> dict[str, Any]:
     return {
         "total": report.total,
         "folded": len(report.folded),
+        "adds_added": report.adds_added,
+        "bytes_added": report.bytes_added,
         "left": [{"name": d.name, "reason": d.reason} for d in report.left],
         "unused": [{"name": d.name, "reason": d.reason} for d in report.unused],
         "layers": [asdict(d) for d in report.decisions],
@@ -117,7 +119,8 @@ def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, objec
     meta: dict[str, object] = {"bnexport_version": __version__, **extra}
     if report is not None:
         meta["bnexport_folded"] = [
-            {"name": d.name, "into": d.into, "direction": d.direction} for d in report.folded
+            {"name": d.name, "into": d.into, "direction": d.direction, "shift_kept": d.shift_kept}
+            for d in report.folded
         ]
         meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
     return meta
@@ -128,11 +131,35 @@ def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, objec
 
 def fold_rows(report: FoldReport) -> list[tuple[str, str, str]]:
     """(name, outcome, detail) per BN."""
-    rows = []
-    for d in report.decisions:
-        detail = f"into {d.direction} {d.into}" if d.folded else (d.reason or "")
-        rows.append((d.name, d.status, detail))
-    return rows
+    return [(d.name, d.status, fold_detail(d)) for d in report.decisions]
+
+
+def fold_detail(d: FoldDecision) -> str:
+    """What happened to one BN, in a sentence fragment."""
+    if not d.folded:
+        return d.reason or ""
+    text = (
+        f"scale folded into {d.into}; shift kept as an Add before it"
+        if d.shift_kept
+        else f"into {d.direction} {d.into}"
+    )
+    if d.bytes_added:
+        text += f" (its own copy of {d.into}'s weights, +{fmt_bytes(d.bytes_added)})"
+    elif d.shared_calls > 1:
+        text += f" (weights shared by {d.shared_calls} calls, folded once)"
+    return text
+
+
+def fmt_bytes(n: int) -> str:
+    """1536 -> '1.5 KB'."""
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KB", "MB", "GB"):
+        size /= 1024
+        if size < 1024 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def fold_summary(report: FoldReport) -> str:
@@ -140,6 +167,11 @@ def fold_summary(report: FoldReport) -> str:
     line = (
         f"BatchNorm: {report.called} before, {len(report.left)} after ({len(report.folded)} folded)"
     )
+    if report.adds_added:
+        plural = "s" if report.adds_added != 1 else ""
+        line += f"; {report.adds_added} shift{plural} kept as Add node{plural}"
+    if report.bytes_added:
+        line += f"; {fmt_bytes(report.bytes_added)} of weight copies added"
     if report.unused:
         line += f"; {len(report.unused)} never called by forward"
     return line

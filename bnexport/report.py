@@ -2,6 +2,8 @@
 
 A BatchNorm has one of three fates: `folded` into a neighbour, `left` in the exported graph
 (with a reason), or `unused` (forward never calls it, so it is not in the exported graph).
+A fold into a following zero-padded conv folds the scale only and keeps the shift as an Add
+before the conv (`shift_kept`): the BN is gone, an Add stands in its place.
 `left` means the same thing everywhere: the BNs the exported model still computes.
 Rendering (tables, JSON, ONNX metadata) lives in `bnexport.render`.
 """
@@ -31,6 +33,10 @@ class FoldDecision:
     """What happened to one BatchNorm call site.
 
     `into` and `direction` are set when `status == "folded"`; `reason` when it is not.
+    `shift_kept`: only the scale was folded, the shift stays as an Add before `into`.
+    `shared_calls`: how many calls of `into` share the folded weights (more than 1 when one
+    fold serves a layer called several times). `bytes_added`: the size of the copy of the
+    layer's weights this call was given (`duplicate_shared`), 0 when none.
     """
 
     name: str
@@ -40,6 +46,9 @@ class FoldDecision:
     direction: str | None = None
     reason: str | None = None
     channels: int | None = None
+    shift_kept: bool = False
+    shared_calls: int = 1
+    bytes_added: int = 0
 
     @property
     def folded(self) -> bool:
@@ -70,6 +79,16 @@ class FoldReport:
     @property
     def unused(self) -> list[FoldDecision]:
         return [d for d in self.decisions if d.status == UNUSED]
+
+    @property
+    def adds_added(self) -> int:
+        """Add nodes that stand where a BN was (its shift, before a zero-padded conv)."""
+        return sum(d.shift_kept for d in self.folded)
+
+    @property
+    def bytes_added(self) -> int:
+        """Bytes of weight copies made so that calls of a shared layer fold separately."""
+        return sum(d.bytes_added for d in self.decisions)
 
     @property
     def called(self) -> int:
