@@ -21,6 +21,18 @@ def fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def fmt_bytes(n: int) -> str:
+    """1536 -> '1.5 KB'."""
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KB", "MB", "GB"):
+        size /= 1024
+        if size < 1024 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
+
+
 # --------------------------------------------------------------------------- data forms
 
 
@@ -148,18 +160,6 @@ def fold_detail(d: FoldDecision) -> str:
     elif d.shared_calls > 1:
         text += f" (weights shared by {d.shared_calls} calls, folded once)"
     return text
-
-
-def fmt_bytes(n: int) -> str:
-    """1536 -> '1.5 KB'."""
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024 or unit == "GB":
-            break
-    return f"{size:.1f} {unit}"
 
 
 def fold_summary(report: FoldReport) -> str:

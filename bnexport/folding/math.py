@@ -14,6 +14,13 @@ linear in its input with no zero padding, L(s * x + t) = L_{W * s}(x) + L_W(t):
 
     W'[:, i] = W[:, i] * s[c(i)],   b' = b + sum_i W[:, i] * t[c(i)]   (summed over kernel taps)
 
+Into a following layer that pads its input with zeros (the zeros never pass through the BN),
+only the scale folds: zero padding commutes with a per-channel scale, so with no s = 0,
+
+    L_W(pad0(s * x + t)) = L_{W * s}(pad0(x + t / s)),
+
+and the shift u = t / s stays as a per-channel Add before the layer (`shift_before_scale`).
+
 Where a weight keeps its channels is a `Layout`, so the same functions serve PyTorch's and
 ONNX's weight layouts. The weight functions take a block of rows (axis 0) so that a caller can
 fold a large weight a slice at a time; `start` is the block's first row and `rows` the full
@@ -62,6 +69,19 @@ def bn_scale_shift(
     beta = torch.zeros_like(mean) if bias is None else bias.detach().to(F64)
     s = gamma / torch.sqrt(var + eps)
     return s, beta - s * mean
+
+
+def shift_before_scale(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """u = t / s, so that s * x + t = s * (x + u); None when a channel has s = 0."""
+    s, t = s.to(F64), t.to(F64)
+    if bool((s == 0).any()):
+        return None
+    return t / s
+
+
+def zero_scale_channels(s: torch.Tensor) -> list[int]:
+    """The channels whose scale is 0 (gamma = 0: a pruned or dead channel)."""
+    return [int(i) for i in torch.nonzero(s == 0).flatten()]
 
 
 def channel_grid(

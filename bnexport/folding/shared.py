@@ -1,0 +1,36 @@
+"""Layers called more than once: the wording both engines use for their decisions.
+
+A layer whose weights serve several calls folds a BN once, into the shared weights, when every
+call is followed (or preceded) by a BN with the same scale and shift: the one fold is exact for
+every call. Otherwise each call may get its own copy of the weights (`duplicate_shared`),
+which adds their size to the file; without it the BN is left with a reason naming the flag.
+"""
+
+from __future__ import annotations
+
+from bnexport.render import fmt_bytes
+
+DUPLICATE_FLAG = "--duplicate-shared"
+
+
+def shared_refusal(layer: str, calls: int, why: str, copy_bytes: int) -> str:
+    """The reason a BN next to a shared layer is left, naming the flag and its cost.
+
+    `why` says what differs between the calls, e.g. "conv2d_2 is followed by another BN" or
+    "the weights are also read by embedding".
+    """
+    return (
+        f"the weights of {layer} serve {calls} calls and {why}, so folding into them would "
+        f"change the other calls; {DUPLICATE_FLAG} gives this call its own folded copy of the "
+        f"weights (+{fmt_bytes(copy_bytes)})"
+    )
+
+
+def zero_scale_refusal(layer: str, channels: list[int]) -> str:
+    """The reason a BN before a zero-padded layer is left when some channel has s = 0."""
+    shown = ", ".join(str(c) for c in channels[:5]) + (", ..." if len(channels) > 5 else "")
+    return (
+        f"{layer} pads with zeros that do not pass through the BN, and channel"
+        f"{'s' if len(channels) > 1 else ''} {shown} of the BN have scale 0 (gamma = 0), so "
+        "its shift cannot be kept as an Add before the padding"
+    )
