@@ -159,8 +159,17 @@ def main() -> None:
     help="First replace every BN's statistics with those of its input over this data "
     "(as `bnexport recalibrate` does), then fold, export and verify.",
 )
+@click.option(
+    "--duplicate-shared",
+    is_flag=True,
+    help="For a layer called several times whose calls are followed by different BNs (or "
+    "some by none): give each call that folds its own copy of the weights (the report "
+    "gives the bytes added). By default such BNs are left, with the size a copy would add.",
+)
 @_common
-def fold(model, output, opset, save_folded, external_data, recalibrate, **kw) -> None:
+def fold(
+    model, output, opset, save_folded, external_data, recalibrate, duplicate_shared, **kw
+) -> None:
     """Fold MODEL's BatchNorms, export it to ONNX and verify the export."""
     debug = kw.pop("debug")
     opts = _options(
@@ -170,6 +179,7 @@ def fold(model, output, opset, save_folded, external_data, recalibrate, **kw) ->
         save_folded=save_folded,
         external_data=external_data,
         recalibrate=recalibrate,
+        duplicate_shared=duplicate_shared,
         **kw,
     )
     _run(lambda runs, progress: runs.run_fold(opts, progress), debug)

@@ -58,6 +58,7 @@ class RunOptions:
     trust_pickle: bool = False
     external_data: bool | None = None  # None: only when the weights exceed the threshold
     recalibrate: Path | None = None  # calibration data: recalibrate before folding
+    duplicate_shared: bool = False  # copies of shared weights for calls that fold differently
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
@@ -296,7 +297,13 @@ def _fold_checkpoint(
     _collect(large)
 
     progress("folding BatchNorm layers")
-    folded, report.fold = fold_program(program, module_names, copy_graph=False, in_place=True)
+    folded, report.fold = fold_program(
+        program,
+        module_names,
+        copy_graph=False,
+        in_place=True,
+        duplicate_shared=opts.duplicate_shared,
+    )
     del program
     _collect(large)
     report.warnings += report.fold.warnings

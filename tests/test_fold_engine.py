@@ -150,11 +150,11 @@ def test_bn_flatten_linear_folds_across_merged_axes():
     )
 
 
-def test_bn_before_zero_padded_conv_is_left():
+def test_bn_before_zero_padded_conv_keeps_its_shift():
     report = check_fold(
-        seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), torch.randn(2, 3, 6, 6), left=["0"]
+        seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), torch.randn(2, 3, 6, 6), folded=["0"]
     )
-    assert "pads with zeros" in report.decision("0").reason
+    assert report.decision("0").shift_kept and report.adds_added == 1
 
 
 def test_bn_before_reflect_padded_conv_folds():
@@ -281,9 +281,10 @@ class CalledTwice(nn.Module):
         return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 2))
 
 
-def test_shared_weights_are_left():
+def test_shared_weights_with_different_bns_are_left():
     report = check_fold(CalledTwice(), torch.randn(2, 3, 4, 4), left=["bn_a", "bn_b"])
-    assert "called more than once" in report.decision("bn_a").reason
+    reason = report.decision("bn_a").reason
+    assert "serve 2 calls" in reason and "--duplicate-shared" in reason
 
 
 def test_nonlinearity_between_is_left():

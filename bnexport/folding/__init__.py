@@ -50,6 +50,7 @@ def fold(
     example_inputs: tuple | torch.Tensor | None = None,
     *,
     dynamic_batch: bool = True,
+    duplicate_shared: bool = False,
 ) -> FoldResult:
     """Fold every BatchNorm of `model` that folds exactly, leaving `model` untouched.
 
@@ -57,6 +58,9 @@ def fold(
     tuple of forward's positional arguments), an ExportedProgram (folded as it is; its own
     example inputs are used when none are given) or an earlier FoldResult. The batch axis
     stays dynamic where the model allows it, unless `dynamic_batch` is False.
+
+    A layer called several times folds a BN once when all its calls take the same BN; with
+    `duplicate_shared`, calls that take different BNs (or none) get their own weight copies.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -75,6 +79,8 @@ def fold(
         if in_training_mode(model) and not isinstance(model, fx.GraphModule):
             warnings.append(TRAINING_MODE_WARNING)
         program = trace(model, tuple(example_inputs), dynamic_batch=dynamic_batch)
-    folded, report = fold_program(program, module_names, copy_graph=program is model)
+    folded, report = fold_program(
+        program, module_names, copy_graph=program is model, duplicate_shared=duplicate_shared
+    )
     report.warnings[:0] = warnings
     return FoldResult(folded, report, tuple(example_inputs or ()))

@@ -4,10 +4,13 @@ Two patterns, each a `match_and_check` that returns either a `FoldPlan` or a `Re
 carrying a one-sentence reason:
 
 * `IntoPreceding`: conv / transposed conv / linear -> [channel-transparent ops] -> BN.
-* `IntoFollowing`: BN -> [channel-transparent ops] -> linear, or conv without zero padding.
+* `IntoFollowing`: BN -> [channel-transparent ops] -> linear, or conv without zero padding;
+  before a zero-padded conv or a transposed conv only the scale folds and the shift stays as
+  an Add in the BN's place (`FoldPlan.shift_kept`).
 
-Checks read the graph only; `torch_graph.apply_plan` performs the rewrite afterwards, so a
-refused fold leaves the graph untouched.
+Checks read the graph only; the engine performs the rewrite afterwards, so a refused fold
+leaves the graph untouched. Whether the layer's weights serve other calls too is the engine's
+question (`torch_engine`), since the answer depends on the BNs of those calls.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class FoldPlan:
     bn: BatchNormCall
     layer: LayerCall
     channel_of: np.ndarray
+    shift_kept: bool = False  # only the scale folds; the shift stays as an Add before it
 
 
 def describe(node: fx.Node, state: ProgramState) -> str:
@@ -126,20 +130,6 @@ def describe(node: fx.Node, state: ProgramState) -> str:
     if op in _ARITH:
         return f"{node.name} ({_ARITH[op]})"
     return f"{node.name} ({op})"
-
-
-def _shared_param_reason(layer: LayerCall) -> str | None:
-    for param in (layer.weight, layer.bias):
-        if param is None:
-            continue
-        others = [u for u in data_users(param) if u is not layer.node]
-        if others:
-            return (
-                f"the weights of {layer.name} are also used by {others[0].name} (the layer is "
-                "called more than once or its weights are shared), and folding would change "
-                "that call too"
-            )
-    return None
 
 
 def _track(chain: list[fx.Node], tr: Tracked) -> Tracked:
@@ -179,9 +169,6 @@ class IntoPreceding:
                     f"the output of {describe(producer, state)} is also used by "
                     f"{describe(other, state)}"
                 )
-        reason = _shared_param_reason(layer)
-        if reason:
-            return self._refuse(reason)
         out_channels = int(node.meta["val"].shape[layer.out_axis])
         try:
             tr = _track(chain, initial(out_channels, layer.out_axis))
@@ -221,19 +208,9 @@ class IntoFollowing:
                 return self._refuse(f"its output feeds {describe(nxt, state)}")
             chain.append(nxt)
             node = nxt
-        if layer.kind == "conv_transpose":
-            return self._refuse(
-                f"{layer.name} is a transposed conv, which adds the BN shift to a varying "
-                "number of taps per output position"
-            )
-        if layer.zero_padded:
-            return self._refuse(
-                f"{layer.name} pads with zeros that do not pass through the BN, so folding "
-                "would change its border outputs"
-            )
-        reason = _shared_param_reason(layer)
-        if reason:
-            return self._refuse(reason)
+        # a transposed conv adds the shift to a varying number of taps per output, and zero
+        # padding never passes through the BN: the shift stays as an Add before the layer
+        shift_kept = layer.kind == "conv_transpose" or layer.zero_padded
         try:
             tr = _track(chain, initial(bn.channels, 1))
         except NotTransparent as exc:
@@ -241,7 +218,7 @@ class IntoFollowing:
         channel_of = following_channel_of(tr, layer.in_axis)
         if isinstance(channel_of, str):
             return self._refuse(channel_of.replace("the layer", layer.name))
-        return FoldPlan(FOLLOWING, bn, layer, channel_of)
+        return FoldPlan(FOLLOWING, bn, layer, channel_of, shift_kept)
 
     def _refuse(self, reason: str) -> Refusal:
         return Refusal(FOLLOWING, reason)

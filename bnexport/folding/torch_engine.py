@@ -1,10 +1,13 @@
 """The PyTorch fold engine: find and apply folds on a torch.export program's own graph.
 
 `fold_program` walks the program's BatchNorm calls in data-flow order, asks each pattern for
-a plan and rewires the graph for the first that passes (the BN call disappears; a bias-less
-layer gets a bias parameter). The weight arithmetic is deferred and done one layer at a time,
-in row blocks of bounded size: every fold that touches a layer is applied to a float64 copy
-of a block of its rows, and the block is cast once to the layer's dtype. The result is a new
+a plan and rewires the graph for the first that passes (the BN call disappears, or becomes an
+Add of its shift before a zero-padded conv; a bias-less layer gets a bias parameter). A layer
+called several times is folded once for all its calls, or not at all, unless its calls are
+given their own copies of the weights (`duplicate_shared`). The weight arithmetic is deferred
+and done one layer at a time, in row blocks of bounded size: every fold that touches a layer
+is applied to a float64 copy of a block of its rows, and the block is cast once to the
+layer's dtype. The result is a new
 program over the rewritten graph; the input program and its tensors are never changed.
 """
 
@@ -23,11 +26,22 @@ from bnexport.folding.math import (
     following_bias_delta,
     preceding_bias,
     scale_weight,
+    shift_before_scale,
+    zero_scale_channels,
 )
-from bnexport.folding.patterns import PATTERNS, PRECEDING, FoldPlan, Refusal
+from bnexport.folding.patterns import PATTERNS, PRECEDING, FoldPlan, Refusal, describe
 from bnexport.folding.program_state import ProgramState
-from bnexport.folding.sites import BatchNormCall, LayerCall, match_batchnorm
+from bnexport.folding.shared import shared_refusal, zero_scale_refusal
+from bnexport.folding.sites import (
+    BatchNormCall,
+    LayerCall,
+    data_users,
+    match_batchnorm,
+    match_layer,
+)
 from bnexport.report import FOLDED, LEFT, UNUSED, FoldDecision, FoldReport
+
+aten = torch.ops.aten
 
 BLOCK_BYTES = 64 * 2**20  # float64 working copy of one block of weight rows
 
@@ -37,58 +51,239 @@ class _Affine:
     direction: str
     s: torch.Tensor
     t: torch.Tensor
+    shift_kept: bool = False  # the scale only: the shift stays as an Add before the layer
 
 
 @dataclass
 class _LayerFolds:
-    """Every fold into one layer, in the order they were decided."""
+    """Every fold into one weight, in the order they were decided (`bias_target` is None
+    while no fold changes the bias)."""
 
     layer: LayerCall
-    bias_target: str
+    bias_target: str | None = None
     affines: list[_Affine] = field(default_factory=list)
 
 
-def _bias_target(plan: FoldPlan, state: ProgramState) -> str:
-    """The layer's bias target, adding a zero bias parameter when the layer has none."""
-    layer = plan.layer
-    if layer.bias is not None:
-        return state.target(layer.bias)
-    weight = state.tensor(layer.weight)
-    out_channels = weight.shape[1] * layer.groups if layer.transposed else weight.shape[0]
-    prefix = state.target(layer.weight).rpartition(".")[0]
-    hint = f"{prefix}.bias" if prefix else "bias"
-    bias_node = state.add_parameter(hint, torch.zeros(out_channels, dtype=weight.dtype))
-    args = list(layer.node.args)
-    if len(args) > 2:
-        args[2] = bias_node
-    elif "bias" in layer.node.kwargs:
-        layer.node.update_kwarg("bias", bias_node)
-    else:
-        args.append(bias_node)
-    layer.node.args = tuple(args)
-    layer.bias = bias_node
-    return state.target(bias_node)
+@dataclass
+class _Group:
+    """BN calls that fold as one into the weights of a layer: one plan per call of the layer
+    that shares them, all with the same affine. `calls` counts the calls the weights serve
+    after the fold; `copy` gives the group its own copy of the weights first."""
+
+    plans: list[FoldPlan]
+    calls: int
+    copy: bool = False
+    bytes_added: int = 0
 
 
-def _rewire(plan: FoldPlan, state: ProgramState, pending: dict[str, _LayerFolds]) -> None:
-    """Remove the BN call from the graph and queue its affine for the layer's weights."""
-    bn, layer = plan.bn, plan.layer
-    s, t = bn_scale_shift(
+def _scale_shift(bn: BatchNormCall, state: ProgramState) -> tuple[torch.Tensor, torch.Tensor]:
+    return bn_scale_shift(
         state.tensor(bn.running_mean),
         state.tensor(bn.running_var),
         None if bn.weight is None else state.tensor(bn.weight),
         None if bn.bias is None else state.tensor(bn.bias),
         bn.eps,
     )
+
+
+def _layer_affine(plan: FoldPlan, state: ProgramState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) per layer channel: the BN's affine through the plan's channel mapping."""
+    s, t = _scale_shift(plan.bn, state)
     index = torch.from_numpy(np.asarray(plan.channel_of))
-    w_target = state.target(layer.weight)
-    if w_target not in pending:
-        pending[w_target] = _LayerFolds(layer, _bias_target(plan, state))
-    pending[w_target].affines.append(_Affine(plan.direction, s[index], t[index]))
-    bn.node.replace_all_uses_with(bn.input)
+    return s[index], t[index]
+
+
+# --------------------------------------------------------------------------- shared layers
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _plans_into(
+    weight: fx.Node, pattern, bns: list[BatchNormCall], state: ProgramState
+) -> dict[fx.Node, FoldPlan]:
+    """The plans by which `pattern` folds BN calls `bns` into calls of `weight`, keyed by
+    the layer call."""
+    found: dict[fx.Node, FoldPlan] = {}
+    for call in bns:
+        call = match_batchnorm(call.op_node)
+        if call is None or call.uses_batch_stats:
+            continue
+        result = pattern.match_and_check(call, state)
+        if isinstance(result, FoldPlan) and result.layer.weight is weight:
+            found.setdefault(result.layer.node, result)
+    return found
+
+
+def _same_fold(a: FoldPlan, b: FoldPlan, state: ProgramState) -> bool:
+    """Whether one fold of `a` into the shared weights is also exactly `b`'s fold."""
+    if (a.direction, a.shift_kept, a.layer.kind, a.layer.groups, a.layer.bias) != (
+        b.direction,
+        b.shift_kept,
+        b.layer.kind,
+        b.layer.groups,
+        b.layer.bias,
+    ) or not np.array_equal(a.channel_of, b.channel_of):
+        return False
+    (sa, ta), (sb, tb) = _layer_affine(a, state), _layer_affine(b, state)
+    if not (torch.equal(sa, sb) and torch.equal(ta, tb)):
+        return False
+    return not b.shift_kept or shift_before_scale(*_scale_shift(b.bn, state)) is not None
+
+
+def _why_apart(
+    plan: FoldPlan, odd: fx.Node, others: dict[fx.Node, FoldPlan], state: ProgramState
+) -> str:
+    """What keeps the call `odd` of the shared weights from taking `plan`'s fold."""
+    side = "followed" if plan.direction == PRECEDING else "preceded"
+    if odd in others:
+        return f"its call {odd.name} is {side} by a BN with other statistics"
+    if match_layer(odd, state) is not None:
+        return f"its call {odd.name} has no BN to fold"
+    return f"they are also read by {describe(odd, state)}"
+
+
+def _resolve_sharing(
+    plan: FoldPlan,
+    pattern,
+    others_bns: list[BatchNormCall],
+    decided: dict,
+    state: ProgramState,
+    duplicate_shared: bool,
+) -> _Group | Refusal:
+    """The calls `plan`'s fold serves. A layer called once: the plan alone. A layer whose
+    weights serve several calls: all of them, when each call takes the same fold from a BN
+    not yet decided; otherwise a copy of the weights for the calls that do
+    (`duplicate_shared`), or a refusal. `others_bns` are the other BN calls still in the
+    graph; those in `decided` (left earlier) only explain a refusal."""
+    layer = plan.layer
+    calls = data_users(layer.weight)
+    bias_users = [] if layer.bias is None else data_users(layer.bias)
+    if calls == [layer.node] and all(u is layer.node for u in bias_users):
+        return _Group([plan], 1)
+    others = _plans_into(layer.weight, pattern, others_bns, state)
+    others.pop(layer.node, None)
+    same = [plan] + [
+        others[c]
+        for c in calls
+        if c in others
+        and others[c].bn.op_node not in decided
+        and _same_fold(plan, others[c], state)
+    ]
+    members = {p.layer.node for p in same}
+    odd = next((c for c in calls if c not in members), None)
+    odd_bias = next((u for u in bias_users if u not in members), None)
+    if odd is None and odd_bias is None:
+        return _Group(same, len(calls))
+    copy_bytes = _nbytes(state.tensor(layer.weight))
+    if layer.bias is not None:
+        copy_bytes += _nbytes(state.tensor(layer.bias))
+    if duplicate_shared:
+        return _Group(same, len(same), copy=True, bytes_added=copy_bytes)
+    if odd is not None:
+        why = _why_apart(plan, odd, others, state)
+    else:
+        why = f"its bias is also read by {describe(odd_bias, state)}"
+    return Refusal(plan.direction, shared_refusal(layer.name, len(calls), why, copy_bytes))
+
+
+def _give_own_weights(group: _Group, state: ProgramState) -> None:
+    """Point the group's layer calls at a copy of their weight (and bias)."""
+    layer = group.plans[0].layer
+    old_w, old_b = layer.weight, layer.bias
+    new_w = state.add_parameter(f"{state.target(old_w)}_copy", state.tensor(old_w).detach().clone())
+    new_b = None
+    if old_b is not None:
+        new_b = state.add_parameter(
+            f"{state.target(old_b)}_copy", state.tensor(old_b).detach().clone()
+        )
+    for plan in group.plans:
+        plan.layer.node.replace_input_with(old_w, new_w)
+        if old_b is not None:
+            plan.layer.node.replace_input_with(old_b, new_b)
+        plan.layer.weight, plan.layer.bias = new_w, new_b
+
+
+# --------------------------------------------------------------------------- rewiring
+
+
+def _bias_target(folds: _LayerFolds, nodes: list[fx.Node], state: ProgramState) -> str:
+    """The layer's bias target, adding one zero bias parameter for all its calls `nodes` when
+    the layer has none."""
+    layer = folds.layer
+    if folds.bias_target is not None:
+        return folds.bias_target
+    if layer.bias is not None:
+        folds.bias_target = state.target(layer.bias)
+        return folds.bias_target
+    weight = state.tensor(layer.weight)
+    out_channels = weight.shape[1] * layer.groups if layer.transposed else weight.shape[0]
+    prefix = state.target(layer.weight).rpartition(".")[0]
+    hint = f"{prefix}.bias" if prefix else "bias"
+    bias_node = state.add_parameter(hint, torch.zeros(out_channels, dtype=weight.dtype))
+    for node in nodes:
+        args = list(node.args)
+        if len(args) > 2:
+            args[2] = bias_node
+        elif "bias" in node.kwargs:
+            node.update_kwarg("bias", bias_node)
+        else:
+            args.append(bias_node)
+        node.args = tuple(args)
+    layer.bias = bias_node
+    folds.bias_target = state.target(bias_node)
+    return folds.bias_target
+
+
+def _shift_parameter(bn: BatchNormCall, state: ProgramState, shifts: dict) -> fx.Node:
+    """u = t / s laid out on the BN input's channel axis, one parameter per set of BN
+    parameters (the calls of one BN module share it)."""
+    key = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    if key not in shifts:
+        u = shift_before_scale(*_scale_shift(bn, state))
+        val = bn.input.meta["val"]
+        shape = (bn.channels,) + (1,) * (val.dim() - 2)
+        prefix = (state.target(bn.running_mean) or "bn").rpartition(".")[0]
+        hint = f"{prefix}.shift" if prefix else "shift"
+        shifts[key] = state.add_parameter(hint, u.to(val.dtype).reshape(shape))
+    return shifts[key]
+
+
+def _remove_batchnorm(plan: FoldPlan, state: ProgramState, shifts: dict) -> None:
+    """Take the BN call out of the graph: its users read its input, or for a fold that keeps
+    the shift, an Add of its input and u = t / s."""
+    bn = plan.bn
+    replacement = bn.input
+    if plan.shift_kept:
+        u = _shift_parameter(bn, state, shifts)
+        with state.graph.inserting_before(bn.op_node):
+            replacement = state.graph.call_function(aten.add.Tensor, (bn.input, u))
+        replacement.meta["val"] = bn.node.meta["val"]
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in bn.node.meta:
+                replacement.meta[key] = bn.node.meta[key]
+    bn.node.replace_all_uses_with(replacement)
     for node in [bn.node, *reversed(bn.extra_nodes)]:
         if node.graph is state.graph and not node.users:
             state.graph.erase_node(node)
+
+
+def _apply_group(
+    group: _Group, state: ProgramState, pending: dict[str, _LayerFolds], shifts: dict
+) -> None:
+    """Rewire the group's BN calls and queue its affine, once, for the shared weights."""
+    if group.copy:
+        _give_own_weights(group, state)
+    plan = group.plans[0]
+    w_target = state.target(plan.layer.weight)
+    folds = pending.setdefault(w_target, _LayerFolds(plan.layer))
+    if not plan.shift_kept:
+        _bias_target(folds, data_users(plan.layer.weight), state)
+    s, t = _layer_affine(plan, state)
+    folds.affines.append(_Affine(plan.direction, s, t, plan.shift_kept))
+    for member in group.plans:
+        _remove_batchnorm(member, state, shifts)
 
 
 class _Workspace:
@@ -119,10 +314,10 @@ def _fold_layer(
     """
     w_target = state.target(folds.layer.weight)
     weight = state.value(w_target)
-    bias = state.value(folds.bias_target)
+    bias = None if folds.bias_target is None else state.value(folds.bias_target)
     layout = folds.layer.layout
     rows = weight.shape[0]
-    out_channels = bias.shape[0]
+    out_channels = 0 if bias is None else bias.shape[0]
     step = _block_rows(weight)
     in_place = in_place and not state.shares_memory(w_target)
     new_weight = weight if in_place else torch.empty_like(weight, requires_grad=False)
@@ -137,11 +332,17 @@ def _fold_layer(
                 axis = layout.out_axis
                 if affine.direction != PRECEDING:
                     axis = layout.in_axis
+                if affine.direction != PRECEDING and not affine.shift_kept:
                     deltas[k] += following_bias_delta(
                         block, affine.t, layout, out_channels, start, rows
                     )
                 block = scale_weight(block, affine.s, axis, layout, start, rows, out=out)
             new_weight[start : start + step].copy_(block)  # the one cast to the weight's dtype
+    if not in_place:
+        state.replace(w_target, new_weight)
+    if bias is None:
+        return
+    with torch.no_grad():
         b = bias.detach().to(F64)
         for affine, delta in zip(folds.affines, deltas):
             b = (
@@ -149,12 +350,16 @@ def _fold_layer(
                 if affine.direction == PRECEDING
                 else b + delta
             )
-    if not in_place:
-        state.replace(w_target, new_weight)
     state.replace(folds.bias_target, b.to(bias.dtype))
 
 
-def _decide(bn: BatchNormCall, state: ProgramState) -> FoldPlan | list[Refusal]:
+def _decide(
+    bn: BatchNormCall,
+    state: ProgramState,
+    others: list[BatchNormCall],
+    decided: dict,
+    duplicate_shared: bool,
+) -> _Group | list[Refusal]:
     if bn.uses_batch_stats:
         return [
             Refusal(
@@ -166,7 +371,15 @@ def _decide(bn: BatchNormCall, state: ProgramState) -> FoldPlan | list[Refusal]:
     refusals = []
     for pattern in PATTERNS:
         result = pattern.match_and_check(bn, state)
+        if isinstance(result, FoldPlan) and result.shift_kept:
+            s, _ = _scale_shift(bn, state)
+            if bool((s == 0).any()):
+                result = Refusal(
+                    result.direction, zero_scale_refusal(result.layer.name, zero_scale_channels(s))
+                )
         if isinstance(result, FoldPlan):
+            result = _resolve_sharing(result, pattern, others, decided, state, duplicate_shared)
+        if isinstance(result, _Group):
             return result
         refusals.append(result)
     return refusals
@@ -193,6 +406,7 @@ def fold_program(
     *,
     copy_graph: bool = True,
     in_place: bool = False,
+    duplicate_shared: bool = False,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every BN call of `program` that folds exactly; report every BN.
 
@@ -203,38 +417,54 @@ def fold_program(
     program that nothing else shares, such as one loaded from a file for this run); either
     way the input program must not be used afterwards. By default nothing of the input
     program, its graph or its tensors changes.
+
+    A layer called several times (its weights read by several calls) takes a BN's fold once
+    when every call is followed (or preceded) by a BN with the same affine; otherwise, with
+    `duplicate_shared=True`, the calls that take the fold get their own copy of the weights.
     """
     state = ProgramState(program, copy_graph=copy_graph)
     calls = batchnorm_calls(state.graph)
     names = _unique_names(calls)
+    name_of = {c.op_node: n for c, n in zip(calls, names)}
     report = FoldReport()
     for call in calls:
         report.warnings.extend(check_batchnorm_state(call, state))
     pending: dict[str, _LayerFolds] = {}
+    shifts: dict = {}
+    decided: dict[fx.Node, FoldDecision] = {}
+
+    def _folded(c: BatchNormCall) -> bool:
+        return c.op_node in decided and decided[c.op_node].folded
+
     for call, name in zip(calls, names):
+        if call.op_node in decided:
+            continue  # folded with an earlier call of the same shared layer
         call = match_batchnorm(call.op_node)  # earlier folds may have rewired its neighbours
-        outcome = _decide(call, state)
-        if isinstance(outcome, FoldPlan):
-            _rewire(outcome, state, pending)
-            report.decisions.append(
-                FoldDecision(
-                    name=name,
-                    kind=call.kind,
+        # BN calls still in the graph: those after this one, and those left before it
+        others = [c for c in calls if c.op_node is not call.op_node and not _folded(c)]
+        outcome = _decide(call, state, others, decided, duplicate_shared)
+        if isinstance(outcome, _Group):
+            _apply_group(outcome, state, pending, shifts)
+            for k, plan in enumerate(outcome.plans):
+                decided[plan.bn.op_node] = FoldDecision(
+                    name=name_of[plan.bn.op_node],
+                    kind=plan.bn.kind,
                     status=FOLDED,
-                    into=outcome.layer.name,
-                    direction=outcome.direction,
-                    channels=call.channels,
+                    into=plan.layer.name,
+                    direction=plan.direction,
+                    channels=plan.bn.channels,
+                    shift_kept=plan.shift_kept,
+                    shared_calls=outcome.calls,
+                    bytes_added=outcome.bytes_added if k == 0 else 0,
                 )
-            )
         else:
             reason = "; ".join(
                 (f"{r.direction}: {r.reason}" if r.direction else r.reason) for r in outcome
             )
-            report.decisions.append(
-                FoldDecision(
-                    name=name, kind=call.kind, status=LEFT, reason=reason, channels=call.channels
-                )
+            decided[call.op_node] = FoldDecision(
+                name=name, kind=call.kind, status=LEFT, reason=reason, channels=call.channels
             )
+    report.decisions.extend(decided[c.op_node] for c in calls)
     weights = [state.value(state.target(f.layer.weight)) for f in pending.values()]
     largest = max((min(_block_rows(w), w.shape[0]) * w[0].numel() for w in weights), default=0)
     workspace = _Workspace(largest)  # allocated once, at the size of the largest block

@@ -1,0 +1,306 @@
+"""The PyTorch engine on layers called several times and on BNs before zero-padded convs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnexport import fold
+from bnexport.folding.math import bn_scale_shift
+from bnexport.folding.sites import match_batchnorm
+from bnexport.render import fmt_bytes
+from tests.nets import randomize_bn
+
+
+def _run(model: nn.Module, *args, duplicate_shared: bool = False, seed: int = 0):
+    randomize_bn(model, seed)
+    model.eval()
+    result = fold(model, args, duplicate_shared=duplicate_shared)
+    with torch.no_grad():
+        ref64 = _double(model)(*(a.double() for a in args))
+        got = result.module(*args)
+    err = (got.double() - ref64).abs().max().item() / ref64.abs().max().item()
+    return result, err
+
+
+def _double(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def _bn_nodes(result) -> int:
+    return sum(match_batchnorm(n) is not None for n in result.module.graph.nodes)
+
+
+def _add_nodes(result) -> int:
+    return sum(
+        n.op == "call_function" and n.target is torch.ops.aten.add.Tensor
+        for n in result.module.graph.nodes
+    )
+
+
+def _encoder() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+    )
+
+
+class Siamese(nn.Module):
+    """One encoder applied to each of `calls` inputs."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.enc = encoder
+
+    def forward(self, *xs):
+        return torch.stack([self.enc(x) for x in xs], dim=1)
+
+
+@pytest.mark.parametrize("calls", [2, 3])
+def test_siamese_encoder_folds_once_for_every_call(calls):
+    model = Siamese(_encoder())
+    xs = [torch.randn(2, 3, 8, 8) for _ in range(calls)]
+    result, err = _run(model, *xs)
+    report = result.report
+    assert len(report.folded) == 2 * calls and not report.left, str(report)
+    assert {d.shared_calls for d in report.folded} == {calls}
+    assert _bn_nodes(result) == 0 and err < 1e-6
+    # folded once: W' = s * W, not s^calls * W
+    bn = model.enc[1]
+    s, t = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    w = model.enc[0].weight.detach().double()
+    expected = (w * s[:, None, None, None]).float()
+    state = result.program.state_dict
+    assert torch.equal(state["enc.0.weight"], expected)
+    expected_b = (s * model.enc[0].bias.detach().double() + t).float()
+    assert torch.equal(state["enc.0.bias"], expected_b)
+
+
+class Looped(nn.Module):
+    """One Conv-BN-Tanh block applied `times` times (weight tying)."""
+
+    def __init__(self, times: int = 3):
+        super().__init__()
+        self.times = times
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        for _ in range(self.times):
+            x = torch.tanh(self.bn(self.conv(x)))
+        return x
+
+
+def test_weight_tied_block_called_in_a_loop():
+    result, err = _run(Looped(3), torch.randn(2, 4, 6, 6))
+    report = result.report
+    assert [d.name for d in report.folded] == ["bn", "bn (call 2)", "bn (call 3)"]
+    assert all(d.shared_calls == 3 and d.into == "conv" for d in report.folded)
+    assert _bn_nodes(result) == 0 and err < 1e-6
+    # one bias parameter added, shared by the three calls
+    assert sum(k.startswith("conv.bias") for k in result.program.state_dict) == 1
+
+
+class TwoBNs(nn.Module):
+    """One conv called twice, each call followed by its own BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.bn_a = nn.BatchNorm2d(5)
+        self.bn_b = nn.BatchNorm2d(5)
+
+    def forward(self, x, y):
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(y))
+
+
+class OneWithoutBN(nn.Module):
+    """One conv called twice, only the first call followed by a BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.bn = nn.BatchNorm2d(5)
+
+    def forward(self, x, y):
+        return self.bn(self.conv(x)) * self.conv(y)
+
+
+WEIGHT_BYTES = (5 * 3 * 3 * 3 + 5) * 4
+
+
+@pytest.mark.parametrize(
+    "model,left,why",
+    [
+        (TwoBNs, ["bn_a", "bn_b"], "followed by a BN with other statistics"),
+        (OneWithoutBN, ["bn"], "has no BN to fold"),
+    ],
+)
+def test_calls_that_fold_differently_are_left_with_the_flag_named(model, left, why):
+    result, err = _run(model(), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+    for name in left:
+        reason = result.report.decision(name).reason
+        assert why in reason and "--duplicate-shared" in reason, reason
+        assert f"(+{fmt_bytes(WEIGHT_BYTES)})" in reason, reason
+    assert _bn_nodes(result) == len(left) and err < 1e-6
+
+
+@pytest.mark.parametrize("model,copies", [(TwoBNs, 1), (OneWithoutBN, 1)])
+def test_duplicate_shared_gives_calls_their_own_weights(model, copies):
+    m = model()
+    result, err = _run(m, torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6), duplicate_shared=True)
+    report = result.report
+    assert not report.left and _bn_nodes(result) == 0 and err < 1e-6
+    assert report.bytes_added == copies * WEIGHT_BYTES
+    weights = [k for k in result.program.state_dict if k.startswith("conv.weight")]
+    assert len(weights) == 1 + copies
+    # the original weights serve the other call, unchanged where that call takes no BN
+    if model is OneWithoutBN:
+        assert torch.equal(result.program.state_dict["conv.weight"], m.conv.weight)
+
+
+class Pair(nn.Module):
+    """A Siamese pair, written so that torch.fx can trace it symbolically."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = _encoder()
+
+    def forward(self, a, b):
+        return self.enc(a) - self.enc(b)
+
+
+def test_fx_fuse_double_fold_case_is_exact():
+    """torch.fx's fuse folds a shared BN into a shared conv once per call; here it is once."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = Pair()
+    randomize_bn(model, 3)
+    model.eval()
+    xs = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        ref = model(*xs)
+        fx_err = (fuse(model)(*xs) - ref).abs().max().item() / ref.abs().max().item()
+    result, err = _run(model, *xs, seed=3)
+    assert fx_err > 1e-2  # the double fold this guards against
+    assert err < 1e-6 and not result.report.left
+
+
+# ------------------------------------------------------------------ BN -> zero-padded conv
+
+
+@pytest.mark.parametrize(
+    "dim,padding,dilation,stride,groups",
+    [
+        (2, 1, 1, 1, 1),
+        (2, 2, 1, 1, 1),
+        (2, 2, 2, 1, 1),
+        (2, 1, 1, 2, 1),
+        (2, 1, 1, 1, 2),
+        (2, 1, 1, 1, 4),
+        (1, 1, 1, 1, 1),
+        (1, 2, 2, 2, 2),
+        (3, 1, 1, 1, 1),
+        (3, 1, 2, 2, 2),
+    ],
+)
+def test_bn_before_zero_padded_conv_folds_scale_and_keeps_shift(
+    dim, padding, dilation, stride, groups
+):
+    bn = getattr(nn, f"BatchNorm{dim}d")(4)
+    conv = getattr(nn, f"Conv{dim}d")(4, 8, 3, stride, padding, dilation, groups)
+    result, err = _run(nn.Sequential(bn, conv), torch.randn(2, 4, *([9] * dim)))
+    d = result.report.decision("0")
+    assert d.folded and d.shift_kept and d.direction == "following" and d.into == "1"
+    assert result.report.adds_added == 1
+    assert _bn_nodes(result) == 0 and _add_nodes(result) == 1
+    assert err < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_copying_padding_still_folds_the_shift_into_the_bias(mode):
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode))
+    result, err = _run(model, torch.randn(2, 3, 6, 6))
+    d = result.report.decision("0")
+    assert d.folded and not d.shift_kept and _add_nodes(result) == 0 and err < 1e-6
+
+
+def test_padding_same_string():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 4, 5, padding="same"))
+    result, err = _run(model, torch.randn(2, 3, 11))
+    assert result.report.decision("0").shift_kept and err < 1e-6
+
+
+def test_bn_before_transposed_conv_folds_scale_and_keeps_shift():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2))
+    result, err = _run(model, torch.randn(2, 4, 5, 5))
+    d = result.report.decision("0")
+    assert d.folded and d.shift_kept and _bn_nodes(result) == 0 and err < 1e-6
+
+
+def test_zero_gamma_channel_is_left_with_its_reason():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1))
+    randomize_bn(model, 0)
+    with torch.no_grad():
+        model[0].weight[2] = 0.0
+    model.eval()
+    result = fold(model, (torch.randn(2, 4, 6, 6),))
+    d = result.report.decision("0")
+    assert d.status == "left"
+    assert "channel 2 of the BN have scale 0" in d.reason and "pads with zeros" in d.reason
+
+
+class PaddedInputUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.conv(y) + y
+
+
+def test_conv_input_used_elsewhere_is_left():
+    result, err = _run(PaddedInputUsedTwice(), torch.randn(2, 3, 5, 5))
+    d = result.report.decision("bn")
+    assert d.status == "left" and "several consumers" in d.reason and err < 1e-6
+
+
+class SharedPadded(nn.Module):
+    """An encoder with an input BN before a zero-padded conv, applied to two inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(
+            nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
+        )
+
+    def forward(self, a, b):
+        return self.enc(a) - self.enc(b)
+
+
+def test_shared_padded_conv_after_shared_input_bn():
+    result, err = _run(SharedPadded(), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+    report = result.report
+    assert not report.left and report.adds_added == 2 and err < 1e-6
+    assert all(d.shared_calls == 2 for d in report.folded)
+    # the two Adds read one shift parameter
+    assert sum(k.endswith("shift") for k in result.program.state_dict) == 1
+
+
+def test_report_text_and_json_name_the_new_folds():
+    result, _ = _run(SharedPadded(), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+    text = str(result.report)
+    assert "scale folded into enc.1; shift kept as an Add before it" in text
+    assert "weights shared by 2 calls, folded once" in text
+    assert "2 shifts kept as Add nodes" in text
+    data = result.report.to_dict()
+    assert data["adds_added"] == 2 and data["bytes_added"] == 0
+    assert data["layers"][0]["shift_kept"] is True and data["layers"][0]["shared_calls"] == 2
