@@ -169,7 +169,7 @@ def not_exportable_to_onnx() -> NotExportableToOnnx:
 
 
 class WithUnusedBatchNorm(nn.Module):
-    """One BN folds, one stays (before a zero-padded conv), one is never called."""
+    """One BN folds, one stays (before a nonlinearity), one is never called."""
 
     def __init__(self):
         super().__init__()
@@ -180,4 +180,4 @@ class WithUnusedBatchNorm(nn.Module):
         self.fc = nn.Linear(4 * 8 * 8, 3)
 
     def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(self.input_bn(x)))).flatten(1))
+        return self.fc(torch.relu(self.bn(self.conv(torch.relu(self.input_bn(x))))).flatten(1))
