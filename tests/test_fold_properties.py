@@ -75,7 +75,9 @@ def architecture(draw):
 
 
 def _covered_bn_names(model: nn.Module) -> set[str]:
-    """BNs directly after a conv/convT/linear (only dropout between) or head BNs."""
+    """BNs directly after a conv/convT/linear (only dropout between), directly before a
+    conv/convT/linear (any padding: a zero-padded conv keeps the shift as an Add) or head
+    BNs."""
     names = set()
     for prefix, container in model.named_modules():
         if not isinstance(container, nn.Sequential):
@@ -89,9 +91,8 @@ def _covered_bn_names(model: nn.Module) -> set[str]:
                 j -= 1
             prev = children[j][1] if j >= 0 else None
             nxt = children[i + 1][1] if i + 1 < len(children) else None
-            if isinstance(prev, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) or isinstance(
-                nxt, nn.Linear
-            ):
+            layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+            if isinstance(prev, layers) or isinstance(nxt, layers):
                 names.add(f"{prefix}.{name}" if prefix else name)
     return names
 
@@ -125,3 +126,41 @@ def test_folding_never_changes_outputs(arch, seed, batch):
     assert not missing, (missing, str(result.report))
     left_nodes = sum(match_batchnorm(n) is not None for n in result.module.graph.nodes)
     assert left_nodes == len(result.report.left)
+
+
+class Shared(nn.Module):
+    """One encoder applied to each of `calls` inputs (weights shared by every call)."""
+
+    def __init__(self, encoder: nn.Module, calls: int):
+        super().__init__()
+        self.enc, self.calls = encoder, calls
+
+    def forward(self, x):
+        return torch.stack([self.enc(x * (k + 1)) for k in range(self.calls)], dim=1)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=architecture(), seed=st.integers(0, 2**16), calls=st.integers(2, 3))
+def test_a_shared_encoder_folds_exactly_as_one_call(arch, seed, calls):
+    """Calling the encoder several times folds every BN it folds when called once, into the
+    very same weights (one fold per weight, never one per call), and keeps outputs."""
+    spec, in_c = arch
+    torch.manual_seed(seed)
+    encoder = randomize_bn(build_from_spec(spec, in_c), seed).eval()
+    x = torch.randn(2, in_c, 8, 8)
+    once = fold(Shared(encoder, 1), (x,))
+    shared = fold(Shared(encoder, calls), (x,))
+
+    folded_once = {d.name for d in once.report.folded}
+    folded_shared = {d.name.split(" (call")[0] for d in shared.report.folded}
+    assert folded_once == folded_shared, (str(once.report), str(shared.report))
+    assert len(shared.report.folded) == calls * len(folded_once)
+    a, b = once.program.state_dict, shared.program.state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(Shared(encoder, calls)).double()(x.double())
+        ref32 = Shared(encoder, calls)(x)
+        got = shared.module(x)
+    floor = (ref32.double() - ref64).abs().max().item()
+    err = (got.double() - ref64).abs().max().item()
+    assert err <= 4 * floor + 1e-6 * max(ref64.abs().max().item(), 1.0), (err, floor)
