@@ -304,3 +304,65 @@ def test_report_text_and_json_name_the_new_folds():
     data = result.report.to_dict()
     assert data["adds_added"] == 2 and data["bytes_added"] == 0
     assert data["layers"][0]["shift_kept"] is True and data["layers"][0]["shared_calls"] == 2
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def _save_pt2(model: nn.Module, args: tuple, path) -> None:
+    randomize_bn(model, 1)
+    model.eval()
+    dyn = tuple({0: torch.export.Dim.AUTO} for _ in args)
+    torch.export.save(torch.export.export(model, args, dynamic_shapes=dyn), str(path))
+
+
+def _fold_cli(*args):
+    from click.testing import CliRunner
+
+    from bnexport.cli import main
+
+    return CliRunner().invoke(main, ["fold", *map(str, args), "--samples", "2"])
+
+
+def test_cli_duplicate_shared(tmp_path):
+    import json
+
+    import onnx
+
+    from bnexport.export import count_batchnorm_nodes
+
+    model = tmp_path / "two.pt2"
+    _save_pt2(TwoBNs(), (torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)), model)
+
+    plain = _fold_cli(model, "-o", tmp_path / "a.onnx", "--json", tmp_path / "a.json")
+    assert plain.exit_code == 0, plain.output
+    data = json.loads((tmp_path / "a.json").read_text())["batchnorm"]
+    assert [d["name"] for d in data["left"]] == ["bn_a", "bn_b"]
+    assert "--duplicate-shared" in data["left"][0]["reason"] and data["bytes_added"] == 0
+    assert count_batchnorm_nodes(onnx.load(str(tmp_path / "a.onnx"))) == 2
+
+    dup = _fold_cli(
+        model, "-o", tmp_path / "b.onnx", "--json", tmp_path / "b.json", "--duplicate-shared"
+    )
+    assert dup.exit_code == 0, dup.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["batchnorm"]["left"] == [] and report["batchnorm"]["bytes_added"] == WEIGHT_BYTES
+    assert report["verify"]["passed"] is True
+    assert count_batchnorm_nodes(onnx.load(str(tmp_path / "b.onnx"))) == 0
+    assert f"{fmt_bytes(WEIGHT_BYTES)} of weight copies added" in dup.output
+
+
+def test_cli_padded_conv_shift_kept_as_add(tmp_path):
+    import json
+
+    import onnx
+
+    model = tmp_path / "padded.pt2"
+    _save_pt2(SharedPadded(), (torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)), model)
+    done = _fold_cli(model, "-o", tmp_path / "p.onnx", "--json", tmp_path / "p.json")
+    assert done.exit_code == 0, done.output
+    assert "BatchNorm: 4 before, 0 after (4 folded); 2 shifts kept as Add nodes" in done.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["batchnorm"]["adds_added"] == 2 and report["onnx"]["batchnorm_nodes"] == 0
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "p.onnx")).graph.node]
+    assert ops.count("Add") == 2 and "BatchNormalization" not in ops
