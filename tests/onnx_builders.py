@@ -93,12 +93,12 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     return session.run(None, feeds)
 
 
-def fold_proto(model: onnx.ModelProto):
-    """(folded ModelProto, FoldReport) through the ONNX engine."""
+def fold_proto(model: onnx.ModelProto, **options):
+    """(folded ModelProto, FoldReport) through the ONNX engine (`options`: duplicate_shared)."""
     from bnexport.folding.onnx_engine import fold_onnx_model
 
     ir_model = ir.serde.deserialize_model(model)
-    report = fold_onnx_model(ir_model)
+    report = fold_onnx_model(ir_model, **options)
     return ir.serde.serialize_model(ir_model), report
 
 

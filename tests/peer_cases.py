@@ -766,7 +766,8 @@ PEER_CASES: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
     "onnxscript_shared_weights": (
         onnxscript_shared_weights,
         f"{_OS}::test_fuse_batchnorm_skips_shared_weight_initializers: two Conv share W/B "
-        "and BN params; expects NOT folded (0 rewrites: shared initializers), model valid.",
+        "and BN params; expects NOT folded (0 rewrites: shared initializers), model valid. "
+        "Both calls take the same BN, so one fold into W/B is exact for both.",
     ),
     # onnxoptimizer
     "onnxoptimizer_fuse_bn_into_conv_simple": (

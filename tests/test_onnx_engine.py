@@ -272,11 +272,15 @@ def test_refuses_layer_output_with_other_consumers():
     assert "also used by Add" in reason
 
 
-def test_refuses_zero_padded_following_conv():
+def test_zero_padded_following_conv_keeps_the_shift_as_an_add():
+    """A BN on the model input before a padded conv: the scale folds into the conv, the
+    shift stays as an Add where the BN was."""
     b = GraphBuilder()
     y = b.node("Conv", [b.bn("x", 4), b.weight(4, 4, 3, 3)], pads=[1] * 4)
-    reason = _left_reason(b.model([X4], [y]))
-    assert "pads with zeros" in reason and "model input 'x'" in reason
+    out, report = _check(b.model([X4], [y]), {"x": _x(2, 4, 6, 6)}, folded=1)
+    d = report.folded[0]
+    assert (d.direction, d.shift_kept, report.adds_added) == ("following", True, 1)
+    assert [n.op_type for n in out.graph.node] == ["Add", "Conv"]
 
 
 def test_refuses_nonlinear_between():
@@ -308,14 +312,22 @@ def test_refuses_unknown_reshape_target():
     assert "cannot be proven" in reason or "reshapes" in reason
 
 
-def test_refuses_shared_weight():
+def test_shared_weight_with_one_bn():
+    """One weight read by two convs, a BN after the first only: left unless the first call
+    may take its own copy of the weight."""
     b = GraphBuilder()
     w = b.weight(4, 4, 1, 1)
     c1 = b.node("Conv", ["x", w])
     c2 = b.node("Conv", [b.bn(c1, 4), w])
-    y = b.node("Relu", [c2])
-    reason = _left_reason(b.model([X4], [y]))
-    assert f"initializer '{w}'" in reason and "shared" in reason
+    model = b.model([X4], [b.node("Relu", [c2])])
+    reason = _left_reason(model)
+    assert "serve 2 calls" in reason and "--duplicate-shared" in reason, reason
+    assert "has no BN to fold" in reason and "+64 B" in reason, reason
+    out, report = fold_proto(model, duplicate_shared=True)
+    assert bn_count(out) == 0 and report.bytes_added == 64
+    assert len({n.input[1] for n in out.graph.node if n.op_type == "Conv"}) == 2
+    x = {"x": _x(2, 4, 6, 6)}
+    assert max_rel_diff(run(model, x), run(out, x)) <= 1e-5
 
 
 def test_bn_in_if_branch_is_left_with_reason():

@@ -1,8 +1,9 @@
 """Property tests for the ONNX fold engine on random graphs built with onnx.helper.
 
 Hypothesis draws the structure (blocks, kernel sizes, pads, strides, dilations, groups, Gemm
-attributes, transparent ops in between, which direction a BN should fold) and a seed for the
-numpy weights. The generator records, for every BatchNormalization it emits, the status it
+attributes, transparent ops in between, which direction a BN should fold, layers called several
+times with one weight, whether calls may get their own weight copies) and a seed for the numpy
+weights. The generator records, for every BatchNormalization it emits, the status it
 knows the engine must report ('folded' or 'left'), or nothing when it does not know. Each graph
 is checked for:
 
@@ -64,6 +65,7 @@ class Builder:
     eps: float
     dtype: type = np.float32
     const_nodes: bool = False  # hand weights and BN parameters over as Constant nodes
+    duplicate_shared: bool = False  # the engine option the graph is folded with
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
@@ -106,6 +108,20 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(op), **attrs))
         return outs[0]
 
+    def bn_values(self, channels: int, *, zero_gamma: bool = False) -> list[np.ndarray]:
+        """Random gamma, beta, running mean and running variance (`zero_gamma`: channel 0
+        has gamma = 0)."""
+        r = self.rng
+        gamma = r.uniform(0.2, 2.0, channels) * r.choice([-1.0, 1.0], channels)
+        if zero_gamma:
+            gamma[0] = 0.0
+        return [
+            gamma,
+            r.normal(0.0, 0.5, channels),  # beta
+            r.normal(0.0, 0.5, channels),  # running mean
+            r.uniform(0.2, 3.0, channels),  # running var
+        ]
+
     def bn(
         self,
         x: str,
@@ -114,18 +130,16 @@ class Builder:
         *,
         param_input: bool = False,
         training: bool = False,
+        values: list[np.ndarray] | None = None,
+        names: list[str] | None = None,
     ) -> str:
         """A BatchNormalization; `param_input` makes its scale an overridable graph input,
-        `training` sets training_mode=1 (with its two running-statistics outputs)."""
+        `training` sets training_mode=1 (with its two running-statistics outputs). `values`
+        (from `bn_values`) gives its parameters, `names` the initializers it reads (another
+        BN's)."""
         r = self.rng
-        gamma = r.uniform(0.2, 2.0, channels) * r.choice([-1.0, 1.0], channels)
-        params = [
-            gamma,
-            r.normal(0.0, 0.5, channels),  # beta
-            r.normal(0.0, 0.5, channels),  # running mean
-            r.uniform(0.2, 3.0, channels),  # running var
-        ]
-        names = [
+        params = self.bn_values(channels) if values is None else values
+        names = names or [
             self.const(
                 p.astype(self.dtype),
                 base,
@@ -147,6 +161,7 @@ class Builder:
             helper.make_node("BatchNormalization", [x, *names], outs, name=name, **attrs)
         )
         self.expect[name] = expect
+        self.last_bn_params = names
         return outs[0]
 
     def model(self, x: T, elem=TensorProto.FLOAT, batch="N") -> onnx.ModelProto:
@@ -177,8 +192,13 @@ class Case:
     seed: int
     log: list
 
+    duplicate_shared: bool = False
+
     def __repr__(self) -> str:
-        return f"Case(seed={self.seed}, input={self.input_shape}, blocks={self.log})"
+        return (
+            f"Case(seed={self.seed}, input={self.input_shape}, blocks={self.log}, "
+            f"duplicate_shared={self.duplicate_shared})"
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -411,6 +431,40 @@ def blk_bn_conv(draw, g: Builder, x: T) -> T:
     return conv(draw, g, between_nd(draw, g, y, following=True), padded=False)
 
 
+def blk_bn_padded_conv(draw, g: Builder, x: T) -> T:
+    """[Relu ->] BN -> [transparent] -> a Conv that pads with zeros, or a ConvTranspose: the
+    BN folds (after a Relu, its scale into the layer and its shift as an Add)."""
+    src = x.name if draw(st.booleans()) else g.node("Relu", [x.name])
+    y = between_nd(draw, g, T(g.bn(src, x.channels, FOLDED), x.shape), following=True)
+    if draw(st.booleans()):
+        g.log.append("shift_kept:convT")
+        return conv_transpose(draw, g, y)
+    g.log.append("shift_kept:padded")
+    return conv(draw, g, y, padded=True)
+
+
+def blk_tied_conv_bn(draw, g: Builder, x: T) -> T:
+    """One Conv -> BN [-> Relu] block applied 2 or 3 times in a row with tied weights (one
+    weight initializer, the BNs reading one set of parameters or equal copies): every BN
+    folds, once into the shared weight."""
+    c, d = x.channels, len(x.spatial)
+    k, dil = draw(st.sampled_from([1, 3])), draw(st.integers(1, 2))
+    groups = draw(st.sampled_from(_divisors(c)))
+    inputs = [g.weight((c, c // groups, *[k] * d), c * k**d // groups)]
+    inputs += [g.bias((c,))] if draw(st.booleans()) else []
+    attrs = {"group": groups, "pads": [dil * (k // 2)] * 2 * d, "dilations": [dil] * d}
+    values, same_names = g.bn_values(c), draw(st.booleans())
+    relu = draw(st.booleans())
+    names = None
+    y = x.name
+    for _ in range(draw(st.integers(2, 3))):
+        y = g.bn(g.node("Conv", [y, *inputs], **attrs), c, FOLDED, values=values, names=names)
+        names = g.last_bn_params if same_names else None
+        y = g.node("Relu", [y]) if relu else y
+    g.log.append(f"tied(k={k}, d={dil}, g={groups}, same_bn_names={same_names}, relu={relu})")
+    return T(y, x.shape)
+
+
 def blk_convtranspose_bn(draw, g: Builder, x: T) -> T:
     y = conv_transpose(draw, g, x)
     return T(g.bn(y.name, y.channels, FOLDED), y.shape)
@@ -426,10 +480,9 @@ def blk_left_nd(draw, g: Builder, x: T) -> T:
     kind = draw(
         st.sampled_from(
             [
-                "relu_bn_padconv",
+                "relu_bn_padconv_zero_gamma",
                 "conv_relu_bn",
                 "conv_maxpool_bn",
-                "bn_convT",
                 "conv_bn_param_input",
                 "conv_bn_training",
             ]
@@ -441,12 +494,10 @@ def blk_left_nd(draw, g: Builder, x: T) -> T:
         training = kind == "conv_bn_training"
         b = g.bn(y.name, y.channels, LEFT, param_input=not training, training=training)
         return T(g.node("Relu", [b]), y.shape)
-    if kind == "relu_bn_padconv":
+    if kind == "relu_bn_padconv_zero_gamma":  # no shift t / s to keep before the padding
         r = g.node("Relu", [x.name])
-        return conv(draw, g, T(g.bn(r, x.channels, LEFT), x.shape), padded=True)
-    if kind == "bn_convT":
-        r = g.node("Relu", [x.name])
-        return conv_transpose(draw, g, T(g.bn(r, x.channels, LEFT), x.shape))
+        values = g.bn_values(x.channels, zero_gamma=True)
+        return conv(draw, g, T(g.bn(r, x.channels, LEFT, values=values), x.shape), padded=True)
     y = conv(draw, g, x)
     if kind == "conv_relu_bn":
         z = T(g.node("Relu", [y.name]), y.shape)
@@ -582,6 +633,8 @@ def blk_left_2d(draw, g: Builder, x: T) -> T:
 BLOCKS_ND = [
     blk_conv_bn,
     blk_bn_conv,
+    blk_bn_padded_conv,
+    blk_tied_conv_bn,
     blk_convtranspose_bn,
     blk_conv_bn_relu,
     blk_left_nd,
@@ -614,6 +667,7 @@ def _builder(draw) -> Builder:
         seed=draw(st.integers(0, 2**32 - 1)),
         eps=draw(st.sampled_from([1e-5, 1e-3])),
         const_nodes=draw(st.integers(0, 4)) == 0,
+        duplicate_shared=draw(st.booleans()),
     )
 
 
@@ -630,7 +684,7 @@ def chains(draw) -> Case:
         g.log.append(block.__name__)
         y = block(draw, g, y)
     g.outputs.append(y.name)
-    return Case(g.model(x), g.expect, x.shape, g.seed, g.log)
+    return Case(g.model(x), g.expect, x.shape, g.seed, g.log, g.duplicate_shared)
 
 
 # --------------------------------------------------------------------------- residual blocks
@@ -708,11 +762,11 @@ def res_preact(draw, g: Builder, x: T) -> T:
 
 
 def res_bn_into_branch_conv(draw, g: Builder, x: T) -> T:
-    """x -> BN -> Conv -> Add(x): the BN folds into an unpadded conv, stays before a padded one
-    or one with two BN-fed consumers."""
+    """x -> BN -> Conv -> Add(x): the BN folds into an unpadded conv, and into a padded one
+    keeping its shift as an Add; it stays before two BN-fed consumers."""
     kind = draw(st.sampled_from(["unpadded", "padded", "two_convs"]))
     g.log.append(kind)
-    b = T(g.bn(x.name, x.channels, LEFT if kind != "unpadded" else FOLDED), x.shape)
+    b = T(g.bn(x.name, x.channels, LEFT if kind == "two_convs" else FOLDED), x.shape)
     c = _same_conv(draw, g, b, x.channels, 1 if kind != "padded" else 3, 1)
     if kind == "two_convs":
         c2 = _same_conv(draw, g, b, x.channels, 1, 1)
@@ -721,13 +775,50 @@ def res_bn_into_branch_conv(draw, g: Builder, x: T) -> T:
 
 
 def res_shared_weight(draw, g: Builder, x: T) -> T:
-    """One weight initializer read by two convs: the BN after one of them must stay."""
+    """One weight initializer read by two convs, a BN after one of them only, or BNs of other
+    values after both: the BNs stay, unless each call may get its own copy of the weight."""
     d = len(x.spatial)
     w = g.weight((x.channels, x.channels, *[1] * d), x.channels)
     c1 = g.node("Conv", [x.name, w])
     c2 = g.node("Conv", [g.node("Relu", [x.name]), w])
-    b = g.bn(c1, x.channels, LEFT)
+    expect = FOLDED if g.duplicate_shared else LEFT
+    b = g.bn(c1, x.channels, expect)
+    if draw(st.booleans()):
+        g.log.append("other_bn")
+        c2 = g.bn(c2, x.channels, expect)
     return T(g.node("Relu", [g.node("Add", [b, c2])]), x.shape)
+
+
+def res_shared_calls(draw, g: Builder, x: T) -> T:
+    """A Siamese branch: one conv weight (and bias) read by 2 or 3 Conv nodes on x, Relu(x),
+    Neg(x), each call with BNs of equal values after it, before it, or both (before a padded
+    conv the shift stays as an Add): every BN folds, once into the shared weight."""
+    c, d = x.channels, len(x.spatial)
+    side = draw(st.sampled_from(["after", "before", "both"]))
+    k, dil = draw(st.sampled_from([1, 3])), draw(st.integers(1, 2))
+    groups = draw(st.sampled_from(_divisors(c)))
+    inputs = [g.weight((c, c // groups, *[k] * d), c * k**d // groups)]
+    inputs += [g.bias((c,))] if draw(st.booleans()) else []
+    attrs = {"group": groups, "pads": [dil * (k // 2)] * 2 * d, "dilations": [dil] * d}
+    before, after = g.bn_values(c), g.bn_values(c)
+    same_names = draw(st.booleans())
+    names: dict = {}
+    calls = draw(st.integers(2, 3))
+    g.log.append(f"calls={calls}, {side}, k={k}, d={dil}, g={groups}, same_bn={same_names}")
+    outs = []
+    for src in [x.name, g.node("Relu", [x.name]), g.node("Neg", [x.name])][:calls]:
+        if side != "after":
+            src = g.bn(src, c, FOLDED, values=before, names=names.get("before"))
+            names.setdefault("before", g.last_bn_params if same_names else None)
+        y = g.node("Conv", [src, *inputs], **attrs)
+        if side != "before":
+            y = g.bn(y, c, FOLDED, values=after, names=names.get("after"))
+            names.setdefault("after", g.last_bn_params if same_names else None)
+        outs.append(y)
+    total = outs[0]
+    for y in outs[1:]:
+        total = g.node("Add", [total, y])
+    return T(g.node("Relu", [total]), x.shape)
 
 
 def res_bn_after_add(draw, g: Builder, x: T) -> T:
@@ -768,6 +859,7 @@ RESIDUAL_BLOCKS = [
     res_preact,
     res_bn_into_branch_conv,
     res_shared_weight,
+    res_shared_calls,
     res_bn_after_add,
     res_concat,
     res_shape_readers,
@@ -794,7 +886,7 @@ def residual_graphs(draw) -> Case:
         g.log.append("head")
         y = blk_bn_flatten_gemm(draw, g, y)
     g.outputs.append(y.name)
-    return Case(g.model(x), g.expect, x.shape, g.seed, g.log)
+    return Case(g.model(x), g.expect, x.shape, g.seed, g.log, g.duplicate_shared)
 
 
 # --------------------------------------------------------------------------- checking
@@ -816,9 +908,9 @@ def _bn_count(proto: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
 
 
-def _fold(proto: onnx.ModelProto):
+def _fold(proto: onnx.ModelProto, duplicate_shared: bool = False):
     model = ir.serde.deserialize_model(proto)
-    report = fold_onnx_model(model)
+    report = fold_onnx_model(model, duplicate_shared=duplicate_shared)
     return ir.serde.serialize_model(model), report
 
 
@@ -832,7 +924,7 @@ def check_case(
 ):
     proto = case.proto
     before = proto.SerializeToString()
-    folded, report = _fold(proto)
+    folded, report = _fold(proto, case.duplicate_shared)
     assert proto.SerializeToString() == before, "the input proto was changed"
 
     # (d) a valid model with the same outputs

@@ -15,7 +15,6 @@ LEFT = {
     "onnxscript_non_initializers": "graph input",
     "onnxscript_graph_inputs": "graph input",
     "onnxoptimizer_fuse_bn_into_conv_simple_2020": "graph input",
-    "onnxscript_shared_weights": "shared",
     "onnxslim_bn_only": "model input",
     "derived_conv_output_used_twice": "also used by",
 }
@@ -47,5 +46,10 @@ def test_peer_case(case):
         assert all(LEFT[case] in d.reason for d in report.left), report.left
     else:
         assert bn_count(folded) == 0 and len(report.folded) == bn_count(model), report.left
+    if case == "onnxscript_shared_weights":
+        # two Conv share W/B and the BN parameters: one fold serves both calls
+        assert [(d.shared_calls, d.bytes_added) for d in report.folded] == [(2, 0)] * 2
+        convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+        assert len({tuple(n.input[1:]) for n in convs}) == 1
     # inputs the caller may feed stay inputs
     assert [i.name for i in folded.graph.input] == [i.name for i in model.graph.input]

@@ -19,6 +19,9 @@ from bnexport.folding.math import Layout
 from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
 
 BN_OP = "BatchNormalization"
+# the attribute's default, a float32 like every float attribute: a BN that states epsilon=1e-5
+# and one that leaves it out compute the same
+_DEFAULT_EPSILON = float(np.float32(1e-5))
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TRANSPARENT_OPS = (
     "Identity",
@@ -94,7 +97,7 @@ def match_batchnorm(node: ir.Node, g: OnnxGraph) -> BatchNormSite | str:
         params["variance"],
         params["scale"],
         params["bias"],
-        float(attr(node, "epsilon", 1e-5)),
+        float(attr(node, "epsilon", _DEFAULT_EPSILON)),
     )
 
 
