@@ -340,6 +340,8 @@ def inspect_dict(report) -> dict[str, Any]:
 
 
 def _fold_cell(fold: dict) -> str:
+    if fold.get("status") == "folded" and fold.get("shift_kept"):
+        return f"scale folded into {fold['into']}, shift kept as an Add"
     if fold.get("status") == "folded":
         return f"folded into {fold['direction']} {fold['into']}"
     return fold.get("status", "-")

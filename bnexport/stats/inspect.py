@@ -227,6 +227,8 @@ def inspect_program(
             entry.fold = {"status": "refused", "reason": "fold stops on this model"}
         elif d is not None:
             entry.fold = {"status": d.status, "into": d.into, "direction": d.direction}
+            if d.shift_kept:
+                entry.fold["shift_kept"] = True
             if d.reason:
                 entry.fold["reason"] = d.reason
         entries.append(entry)
