@@ -237,6 +237,24 @@ def test_both_sides_of_a_shared_layer():
     np.testing.assert_allclose(_inits(out)[bias], want_b, rtol=1e-5, atol=1e-6)
 
 
+def test_copy_carries_the_folds_already_decided():
+    """Equal BNs before both calls of a weight, different BNs after them: the BNs before fold
+    once into the shared weight; with duplicate_shared, the call that then takes a copy keeps
+    that fold."""
+    b = GraphBuilder(seed=19)
+    w, bias, p_in = b.weight(4, 4, 1, 1), b.weight(4), _bn_params(b, 4)
+    outs = [
+        _bn(b, b.node("Conv", [_bn(b, x, p_in), w, bias]), _bn_params(b, 4))
+        for x in ("x", b.node("Relu", ["x"]))
+    ]
+    model = b.model([X4], outs)
+    feeds = {"x": _x(2, 4, 6, 6)}
+    out, report = _fold_and_compare(model, feeds)
+    assert [d.status for d in report.decisions] == ["folded", "left", "folded", "left"]
+    out, report = _fold_and_compare(model, feeds, duplicate_shared=True)
+    assert bn_count(out) == 0 and report.bytes_added == 4 * 16 + 4 * 4
+
+
 # --------------------------------------------------------------------------- torch exports
 
 
