@@ -211,3 +211,77 @@ def reference_models(quick: bool) -> list[tuple[str, nn.Module, tuple]]:
         stat_batch = 4 if name in ("resnet50", "mobilenet_v2") else 16
         out.append((name, train_statistics(model, (stat_batch, *shape)), shape))
     return out
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-like BN state drawn with a fixed seed: running mean in [-1, 1], running var
+    log-uniform in 1e-2..1e1, gamma in [0.5, 1.5] with a random sign, beta in [-0.5, 0.5].
+    Returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+            m.running_var.copy_(10 ** (torch.rand(n, generator=gen) * 3 - 2))
+            m.num_batches_tracked.fill_(100)
+            sign = torch.where(torch.rand(n, generator=gen) < 0.1, -1.0, 1.0)
+            m.weight.data.copy_(sign * (torch.rand(n, generator=gen) + 0.5))
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model.eval()
+
+
+class SiameseEncoder(nn.Module):
+    """Conv3x3(padding=1)-BN-ReLU stages (a 2x2 max pool between stages), then global average
+    pooling; with `input_bn`, a BatchNorm2d on the raw input before the first zero-padded
+    conv."""
+
+    def __init__(self, cin: int = 3, widths=(32, 64, 128, 256), input_bn: bool = False):
+        super().__init__()
+        self.input_bn = nn.BatchNorm2d(cin) if input_bn else None
+        layers: list[nn.Module] = []
+        c = cin
+        for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+        self.stages = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.input_bn is not None:
+            x = self.input_bn(x)
+        return F.adaptive_avg_pool2d(self.stages(x), 1).flatten(1)
+
+
+class Siamese(nn.Module):
+    """One encoder applied to two inputs (shared weights); the output is both embeddings,
+    concatenated."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, a, b):
+        return torch.cat([self.encoder(a), self.encoder(b)], dim=1)
+
+
+class TiedLoop(nn.Module):
+    """A Conv-BN-ReLU stem, then one Conv3x3(padding=1)-BN-ReLU block applied `steps` times
+    (weight tying), global average pooling and a linear head."""
+
+    def __init__(self, cin: int = 3, channels: int = 32, steps: int = 4, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(cin, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.steps = steps
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(self.steps):
+            x = self.block(x)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))

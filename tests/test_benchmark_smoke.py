@@ -50,3 +50,27 @@ def test_quick_recalibrate_benchmark(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if "| mlp" in line]
     assert len(rows) == 1
     assert float(rows[0][6]) <= 1e-6  # bnexport's fixed-point error
+
+
+@pytest.mark.slow
+def test_quick_shared_padded_benchmark(tmp_path):
+    """Both quick models: bnexport leaves no BN node where the plain export keeps some, and
+    its file matches the float64 model."""
+    from benchmarks import shared_padded
+
+    out = tmp_path / "shared_padded.md"
+    assert shared_padded.main(["--quick", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| model | BN calls"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    rows = {}
+    for line in lines[lines.index(header) + 2 :]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        rows[cells[0].split()[0]] = dict(zip(columns, cells))
+    assert set(rows) == {"digits_cnn", "siamese_small"}
+    for row in rows.values():
+        assert int(row["BN left: bnexport"]) == 0
+        assert int(row["BN left: plain"]) > 0
+        assert float(row["error: bnexport"]) < 1e-5
