@@ -71,6 +71,7 @@ class Builder:
     outputs: list = field(default_factory=list)
     param_inputs: list = field(default_factory=list)  # initializers also listed as inputs
     expect: dict = field(default_factory=dict)  # BN node name -> FOLDED / LEFT / None
+    last_bn_params: list = field(default_factory=list)  # the initializers the last BN reads
     log: list = field(default_factory=list)
     count: int = 0
 
@@ -191,7 +192,6 @@ class Case:
     input_shape: tuple[int, ...]
     seed: int
     log: list
-
     duplicate_shared: bool = False
 
     def __repr__(self) -> str:
