@@ -395,7 +395,7 @@ def _fold_onnx_file(
     model = source.model
     came_external = has_external_data(model)  # before folds replace external tensors
     progress("folding BatchNormalization nodes")
-    report.fold = fold_onnx_model(model)
+    report.fold = fold_onnx_model(model, duplicate_shared=opts.duplicate_shared)
     report.warnings += report.fold.warnings
     progress("writing the folded ONNX file")
     keep_declared_value_info(model)

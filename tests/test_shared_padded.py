@@ -366,3 +366,28 @@ def test_cli_padded_conv_shift_kept_as_add(tmp_path):
     assert report["batchnorm"]["adds_added"] == 2 and report["onnx"]["batchnorm_nodes"] == 0
     ops = [n.op_type for n in onnx.load(str(tmp_path / "p.onnx")).graph.node]
     assert ops.count("Add") == 2 and "BatchNormalization" not in ops
+
+
+def test_cli_onnx_file_with_shared_conv(tmp_path):
+    """`bnexport fold MODEL.onnx`: the same rule for an initializer read by two Conv nodes."""
+    import json
+
+    model = TwoBNs()
+    randomize_bn(model, 2)
+    model.eval()
+    args = (torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+    src = tmp_path / "two.onnx"
+    torch.onnx.export(model, args, str(src), dynamo=True, optimize=False)
+
+    plain = _fold_cli(src, "-o", tmp_path / "a.onnx", "--json", tmp_path / "a.json")
+    assert plain.exit_code == 0, plain.output
+    left = json.loads((tmp_path / "a.json").read_text())["batchnorm"]["left"]
+    assert len(left) == 2 and all("--duplicate-shared" in d["reason"] for d in left)
+
+    dup = _fold_cli(
+        src, "-o", tmp_path / "b.onnx", "--json", tmp_path / "b.json", "--duplicate-shared"
+    )
+    assert dup.exit_code == 0, dup.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["batchnorm"]["left"] == [] and report["onnx"]["batchnorm_nodes"] == 0
+    assert report["batchnorm"]["bytes_added"] > 0 and report["verify"]["passed"] is True
