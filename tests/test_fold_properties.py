@@ -164,3 +164,49 @@ def test_a_shared_encoder_folds_exactly_as_one_call(arch, seed, calls):
     floor = (ref32.double() - ref64).abs().max().item()
     err = (got.double() - ref64).abs().max().item()
     assert err <= 4 * floor + 1e-6 * max(ref64.abs().max().item(), 1.0), (err, floor)
+
+
+def _tie_layers(source: nn.Module, target: nn.Module) -> None:
+    """Make every conv/linear of `target` the very module of `source` (shared weights)."""
+    for (name, mod), (_, other) in zip(source.named_children(), list(target.named_children())):
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            setattr(target, name, mod)
+        else:
+            _tie_layers(mod, other)
+
+
+class Pair(nn.Module):
+    def __init__(self, a: nn.Module, b: nn.Module):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return torch.stack([self.a(x), self.b(x * 2)], dim=1)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=architecture(), seed=st.integers(0, 2**16), duplicate=st.booleans())
+def test_shared_layers_with_their_own_bns_never_change_outputs(arch, seed, duplicate):
+    """Two branches share every conv/linear but have BNs of their own: each BN either folds
+    into its own copy of the weights (`duplicate_shared`) or is left; outputs never change."""
+    spec, in_c = arch
+    torch.manual_seed(seed)
+    a = randomize_bn(build_from_spec(spec, in_c), seed)
+    b = randomize_bn(copy.deepcopy(a), seed + 1)
+    _tie_layers(a, b)
+    model = Pair(a, b).eval()
+    x = torch.randn(2, in_c, 8, 8)
+
+    result = fold(model, (x,), duplicate_shared=duplicate)
+
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+        floor = (model(x).double() - ref64).abs().max().item()
+        err = (result.module(x).double() - ref64).abs().max().item()
+    assert err <= 4 * floor + 1e-6 * max(ref64.abs().max().item(), 1.0), (err, floor)
+    if duplicate:
+        covered = _covered_bn_names(a)
+        folded = {d.name.removeprefix("a.") for d in result.report.folded}
+        assert covered <= folded, (covered, str(result.report))
+    left_nodes = sum(match_batchnorm(n) is not None for n in result.module.graph.nodes)
+    assert left_nodes == len(result.report.left)

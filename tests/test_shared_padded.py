@@ -391,3 +391,25 @@ def test_cli_onnx_file_with_shared_conv(tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["batchnorm"]["left"] == [] and report["onnx"]["batchnorm_nodes"] == 0
     assert report["batchnorm"]["bytes_added"] > 0 and report["verify"]["passed"] is True
+
+
+class BothSides(nn.Module):
+    """A conv called twice: the same BN before both calls, a different BN after each."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.bn_a = nn.BatchNorm2d(5)
+        self.bn_b = nn.BatchNorm2d(5)
+
+    def forward(self, x, y):
+        return self.bn_a(self.conv(self.bn_in(x))) + self.bn_b(self.conv(self.bn_in(y)))
+
+
+def test_a_weight_copy_keeps_the_folds_already_made_into_the_shared_weights():
+    args = (torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+    result, err = _run(BothSides(), *args, duplicate_shared=True)
+    report = result.report
+    assert not report.left and report.decision("bn_in").shared_calls == 2
+    assert report.bytes_added == WEIGHT_BYTES and err < 1e-6

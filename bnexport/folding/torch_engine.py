@@ -272,10 +272,16 @@ def _remove_batchnorm(plan: FoldPlan, state: ProgramState, shifts: dict) -> None
 def _apply_group(
     group: _Group, state: ProgramState, pending: dict[str, _LayerFolds], shifts: dict
 ) -> None:
-    """Rewire the group's BN calls and queue its affine, once, for the shared weights."""
-    if group.copy:
-        _give_own_weights(group, state)
+    """Rewire the group's BN calls and queue its affine, once, for the shared weights. A copy
+    of the weights starts with the folds already queued for the weights it copies."""
     plan = group.plans[0]
+    if group.copy:
+        earlier = pending.get(state.target(plan.layer.weight))
+        _give_own_weights(group, state)
+        if earlier is not None:
+            pending[state.target(plan.layer.weight)] = _LayerFolds(
+                plan.layer, affines=list(earlier.affines)
+            )
     w_target = state.target(plan.layer.weight)
     folds = pending.setdefault(w_target, _LayerFolds(plan.layer))
     if not plan.shift_kept:
