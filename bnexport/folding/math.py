@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 F64 = torch.float64
@@ -53,6 +54,11 @@ class Layout:
     @property
     def in_axis(self) -> int:
         return 1 - self.out_axis
+
+
+def array_f64(a) -> torch.Tensor:
+    """A float64 tensor holding a copy of the array `a` (a numpy array of any float dtype)."""
+    return torch.from_numpy(np.asarray(a, dtype=np.float64).copy())
 
 
 def bn_scale_shift(
