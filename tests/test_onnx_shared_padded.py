@@ -286,6 +286,14 @@ class _Looped(nn.Module):
         return x
 
 
+class _LoopedNoBias(_Looped):
+    """The same block with a bias-free conv: the exporter computes a zero bias per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+
+
 class _SharedConvOneBn(nn.Module):
     """One conv and one BN module, both called on two inputs: an FX-style fuser folds the BN
     into the conv once per call, so the weight is scaled twice."""
@@ -326,13 +334,15 @@ def _torch_scale(bn: nn.BatchNorm2d) -> np.ndarray:
         (_Siamese, 2, "enc.0", 2),
         (_Siamese, 3, "enc.0", 3),
         (_Looped, 1, "conv", 3),
+        (_LoopedNoBias, 1, "conv", 3),
         (_SharedConvOneBn, 2, "conv", 2),
     ],
-    ids=["siamese2", "siamese3", "loop", "one_bn_two_calls"],
+    ids=["siamese2", "siamese3", "loop", "loop_no_bias", "one_bn_two_calls"],
 )
 def test_torch_exported_shared_layers_fold_once(model, args, name, calls):
     module = _randomize(model())
-    inputs = tuple(torch.randn(2, 3 if model is not _Looped else 4, 8, 8) for _ in range(args))
+    channels = 4 if issubclass(model, _Looped) else 3
+    inputs = tuple(torch.randn(2, channels, 8, 8) for _ in range(args))
     proto = _export(module, inputs)
     assert bn_count(proto) >= calls
     out, report = fold_proto(proto)

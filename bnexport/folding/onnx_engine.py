@@ -170,7 +170,7 @@ class _Folder:
             site = plans[0].layer if plans else match_layer(call, g)
             if isinstance(site, str) or site.weight is not layer.weight:
                 problem = f"the weight is also read by {g.describe(call)}"
-            elif not same_call(site, layer):
+            elif not same_call(site, layer, g):
                 problem = f"{g.describe(call)} uses them with another bias or other attributes"
             elif not plans:
                 problem = f"{g.describe(call)} has no BN to fold"
@@ -297,7 +297,13 @@ class _Folder:
             for p in fold.plans:
                 repoint(p.layer.bias_add or p.layer.node, bias, new_bias)
         plans = [
-            replace(p, layer=replace(p.layer, weight=new_weight, bias=new_bias)) for p in fold.plans
+            replace(
+                p,
+                layer=replace(
+                    p.layer, weight=new_weight, bias=new_bias if fold.copy_bias else p.layer.bias
+                ),
+            )
+            for p in fold.plans
         ]
         old = self.pending.get(weight)
         if old is not None:

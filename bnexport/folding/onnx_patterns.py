@@ -89,10 +89,13 @@ _CALL_ATTRIBUTES = {
 }
 
 
-def same_call(a: LayerSite, b: LayerSite) -> bool:
+def same_call(a: LayerSite, b: LayerSite, g: OnnxGraph) -> bool:
     """Two calls of one weight that one fold serves alike: the same op, the same attributes
-    that enter the fold, the same bias."""
-    if a.node.op_type != b.node.op_type or a.kind != b.kind or a.bias is not b.bias:
+    that enter the fold, the same bias (one value, or equal constants that each call reads
+    alone, as an exporter's zero bias computed once per call)."""
+    if a.node.op_type != b.node.op_type or a.kind != b.kind:
+        return False
+    if a.bias is not b.bias and not (_own_bias(a) and _own_bias(b) and _equal(a.bias, b.bias, g)):
         return False
     if (a.bias_add is None) != (b.bias_add is None):
         return False
@@ -100,6 +103,22 @@ def same_call(a: LayerSite, b: LayerSite) -> bool:
         attr(a.node, name, default) == attr(b.node, name, default)
         for name, default in _CALL_ATTRIBUTES.get(a.kind, ())
     )
+
+
+def _own_bias(site: LayerSite) -> bool:
+    """The call's bias is read by this call alone (its node, or its bias Add)."""
+    bias = site.bias
+    reader = site.bias_add or site.node
+    return (
+        bias is not None
+        and not bias.is_graph_output()
+        and all(u.node is reader for u in bias.uses())
+    )
+
+
+def _equal(a: ir.Value, b: ir.Value, g: OnnxGraph) -> bool:
+    x, y = g.constant(a), g.constant(b)
+    return x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y)
 
 
 def conflict_reason(plan: OnnxFoldPlan, pending: dict) -> str | None:

@@ -168,6 +168,18 @@ def _write_bias(calls: list[LayerSite], bias: np.ndarray, dtype: np.dtype, g: On
     """Write the folded bias of a weight's calls: into their bias, or as one new bias that
     every call reads."""
     layer = calls[0]
+    if layer.bias is not None and any(c.bias is not layer.bias for c in calls):
+        # equal biases, one per call (an exporter's zero bias computed for each call): one
+        # new bias that every call reads
+        value = new_initializer(g, f"{layer.weight.name}_bias", bias.astype(dtype))
+        for c in calls:
+            old = c.bias
+            repoint(c.bias_add or c.node, old, value)
+            drop_if_unused(old, g)
+        if layer.kind == "gemm":
+            for c in calls:
+                c.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        return
     if layer.bias is not None:
         _store([c.bias_add or c.node for c in calls], layer.bias, bias, dtype, g)
         if layer.kind == "gemm":
