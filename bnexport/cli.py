@@ -58,16 +58,18 @@ def _common(fn, verification: bool = True):
         click.option(
             "--atol",
             type=float,
-            default=DEFAULT_ATOL,
-            show_default=True,
-            help="Absolute tolerance of the verification.",
+            default=None,
+            help=f"Absolute tolerance of the verification [default: {DEFAULT_ATOL:g}]. A "
+            "float16/bfloat16 model is held by default to its dtype tolerance: the export's "
+            "error against the model's float32 twin may be a few times the half-precision "
+            "model's own error; giving --atol or --rtol applies atol + rtol x scale instead.",
         ),
         click.option(
             "--rtol",
             type=float,
-            default=DEFAULT_RTOL,
-            show_default=True,
-            help="Tolerance relative to each output's scale (max |output|).",
+            default=None,
+            help="Tolerance relative to each output's scale (max |output|) "
+            f"[default: {DEFAULT_RTOL:g}].",
         ),
         click.option(
             "--data",

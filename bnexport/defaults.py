@@ -7,6 +7,11 @@ DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-5
 DEFAULT_SAMPLES = 4
 
+# A float16 or bfloat16 model is verified against its float32 twin: the export passes when its
+# error is at most HALF_ERROR_FACTOR times the half-precision original's own error (both
+# against the twin) + DEFAULT_ATOL + DEFAULT_RTOL x scale.
+HALF_ERROR_FACTOR = {"float16": 4.0, "bfloat16": 4.0}
+
 # Verification batch sizes: a dynamic-batch export runs at both (two sizes, neither the traced
 # batch of 2, prove the batch axis is dynamic); the data set runs in batches of DATA_BATCH.
 SMALL_BATCH = 1

@@ -82,6 +82,27 @@ class Source:
             return self.model.module()
         return self.model
 
+    def model_dtype(self) -> torch.dtype | None:
+        """float16 or bfloat16 when the model computes in half precision (its floating
+        parameters and buffers are of that type, or, without any, its floating inputs); None
+        for a float32 model and for an ONNX model."""
+        if self.is_onnx:
+            return None
+        if isinstance(self.model, torch.export.ExportedProgram):
+            tensors = [*self.model.state_dict.values(), *self.model.constants.values()]
+        else:
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+        dtypes = [t.dtype for t in tensors if isinstance(t, torch.Tensor)]
+        dtypes = [d for d in dtypes if d.is_floating_point] or [
+            s.dtype for s in self.input_specs or [] if s.dtype.is_floating_point
+        ]
+        half = [d for d in dtypes if d in HALF_DTYPES]
+        return max(set(half), key=half.count) if half else None
+
+    def float32_reference(self) -> Callable:
+        """The eval-mode original's float32 twin (see `float32_twin`)."""
+        return float32_twin(self.reference())
+
     def batchnorm_modules(self) -> dict[str, str]:
         """Qualified name -> class name of every BatchNorm module (empty for a program)."""
         if not isinstance(self.model, nn.Module):
@@ -105,6 +126,71 @@ class Source:
 
 
 LoadedModel = Source  # the name of earlier releases
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float32_twin(model: nn.Module) -> nn.Module:
+    """A float32 copy of a half-precision module: its parameters, buffers and tensor
+    attributes cast to float32 (exact), and, in a graph module (a program's `.module()`), the
+    float16/bfloat16 dtypes its ops name (casts, tensor factories) replaced by float32. The
+    copy refuses to return a half-precision output, so that it is never taken for a float32
+    reference when some part of the model still computes in half precision."""
+    import copy
+    import warnings
+
+    # a copy: `.float()` converts parameters in place, and a program's `.module()` shares
+    # them with the program
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own, copying a graph module
+        twin = copy.deepcopy(model)
+    twin = twin.float()
+    for module in twin.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
+                setattr(module, name, value.float())
+        if isinstance(module, torch.fx.GraphModule) and _float32_dtypes(module.graph):
+            module.recompile()
+    return _Float32Only(twin)
+
+
+def _as_float32(value):
+    if isinstance(value, torch.dtype) and value in HALF_DTYPES:
+        return torch.float32
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_float32(v) for v in value)
+    return value
+
+
+def _float32_dtypes(graph) -> bool:
+    """Replace the half-precision dtypes named by the nodes of an fx graph; True if any."""
+    changed = False
+    for node in graph.nodes:
+        args, kwargs = _as_float32(node.args), {k: _as_float32(v) for k, v in node.kwargs.items()}
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = tuple(args), kwargs
+            changed = True
+    return changed
+
+
+class _Float32Only(nn.Module):
+    """Calls the twin; a half-precision output means the twin is not float32 after all."""
+
+    def __init__(self, twin: nn.Module):
+        super().__init__()
+        self.twin = twin
+
+    def forward(self, *args):
+        from torch.utils import _pytree as pytree
+
+        out = self.twin(*args)
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.dtype in HALF_DTYPES:
+                raise TypeError(
+                    f"the float32 copy of the model still returns {leaf.dtype} (the model "
+                    "casts to half precision itself)"
+                )
+        return out
 
 
 def _fail(message: str) -> BadInputError:

@@ -70,6 +70,17 @@ def verify_dict(v: VerifyResult) -> dict[str, Any]:
             for o in v.outputs
         ],
     }
+    if v.model_dtype is not None:
+        # a half-precision model: what was run, and what its errors are measured against
+        out["model_dtype"] = v.model_dtype
+        out["verified_file"] = v.verified_file
+    if v.reference_dtype is not None:
+        out["reference_dtype"] = v.reference_dtype
+        out["factor"] = v.factor
+        out["original_err"] = v.original_err
+        for entry, o in zip(out["outputs"], v.outputs):
+            entry["original_err"] = o.original_err
+            entry["tolerance"] = v.tolerance(o)
     if v.accuracy is not None:
         out["accuracy"] = {
             "original": v.accuracy.reference,
@@ -197,11 +208,41 @@ def _verify_rows(v: VerifyResult) -> list[tuple[str, ...]]:
     rows = []
     for o in v.outputs:
         agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}"
-        rows.append((o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.scale), agree))
+        if v.reference_dtype is not None:
+            own = "-" if o.original_err is None else fmt(o.original_err)
+            rows.append((o.name, fmt(o.max_abs_err), own, fmt(v.tolerance(o)), fmt(o.scale), agree))
+        else:
+            rows.append((o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.scale), agree))
     return rows
 
 
 _VERIFY_HEADER = ("output", "max abs err", "max rel err", "scale", "argmax agree")
+# a half-precision model: the export's error and the original's own, both against float32
+_HALF_HEADER = ("output", "export err", "original err", "tolerance", "scale", "argmax agree")
+
+
+def _verify_title(report: RunReport) -> str:
+    v = report.verify
+    if v.reference_dtype is None:
+        return f"Verification (onnxruntime vs {report.reference})"
+    run = "the float32 twin in onnxruntime" if v.verified_file == "float32 twin" else "onnxruntime"
+    return (
+        f"Verification ({run} vs {report.reference}; {v.model_dtype} model: the export and "
+        f"the original each against the model run in {v.reference_dtype})"
+    )
+
+
+def tolerance_line(v: VerifyResult) -> str | None:
+    """How a half-precision model's tolerance is formed (None for the plain tolerance)."""
+    if v.reference_dtype is None:
+        return None
+    own = v.original_err
+    which = f"({fmt(own)})" if len(v.outputs) == 1 else f"(at most {fmt(own)}; per output above)"
+    return (
+        f"tolerance for {v.model_dtype}: export error <= {v.factor:g} x the {v.model_dtype} "
+        f"original's own error {which} + atol {v.atol:g} + rtol {v.rtol:g} x scale, errors "
+        f"measured against the model run in {v.reference_dtype}"
+    )
 
 
 def _table(console: Console, title: str, header: tuple[str, ...], rows, *, fold_wide=False):
@@ -261,8 +302,8 @@ def render_run(report: RunReport, console: Console) -> None:
     v = report.verify
     _table(
         console,
-        f"Verification (onnxruntime vs {report.reference})",
-        _VERIFY_HEADER,
+        _verify_title(report),
+        _VERIFY_HEADER if v.reference_dtype is None else _HALF_HEADER,
         _verify_rows(v),
     )
     if v.data is not None:
@@ -276,11 +317,18 @@ def render_run(report: RunReport, console: Console) -> None:
             markup=False,
         )
     verdict = "PASS" if v.passed else "FAIL"
+    line = tolerance_line(v)
+    if line is not None:
+        console.print(line, markup=False)
+        tolerance = f"{v.factor:g} x original err + atol {v.atol:g} + rtol {v.rtol:g} x scale"
+    else:
+        tolerance = f"atol {v.atol:g} + rtol {v.rtol:g} x scale"
+    checked = "" if v.verified_file != "float32 twin" else " of the float32 twin"
     console.print(
         f"verify: {verdict} ({v.samples} batch{'es' if v.samples != 1 else ''}, "
         f"batch sizes {sorted(set(v.batch_sizes))}, "
-        f"max abs err {fmt(v.max_abs_err)}, max rel err {fmt(v.max_rel_err)}; "
-        f"tolerance atol {v.atol:g} + rtol {v.rtol:g} x scale)",
+        f"max abs err{checked} {fmt(v.max_abs_err)}, max rel err {fmt(v.max_rel_err)}; "
+        f"tolerance {tolerance})",
         markup=False,
     )
 

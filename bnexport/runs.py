@@ -27,6 +27,7 @@ from bnexport.defaults import (
     DEFAULT_RTOL,
     DEFAULT_SAMPLES,
     EXTERNAL_DATA_THRESHOLD,
+    HALF_ERROR_FACTOR,
 )
 from bnexport.errors import BadInputError, summarize_exception
 from bnexport.report import RunReport
@@ -49,8 +50,10 @@ class RunOptions:
     arch: str | None = None
     opset: int = DEFAULT_OPSET
     static_batch: bool = False
-    atol: float = DEFAULT_ATOL
-    rtol: float = DEFAULT_RTOL
+    # None: not given. A float32 model is held to DEFAULT_ATOL + DEFAULT_RTOL x scale; a
+    # float16/bfloat16 one to its dtype tolerance. Either one given: atol + rtol x scale.
+    atol: float | None = None
+    rtol: float | None = None
     data: Path | None = None
     samples: int = DEFAULT_SAMPLES
     json_path: Path | None = None
@@ -64,6 +67,13 @@ class RunOptions:
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _tolerances(opts: RunOptions) -> tuple[float, float, bool]:
+    """(atol, rtol, given): the defaults stand in for a flag not given."""
+    atol = DEFAULT_ATOL if opts.atol is None else opts.atol
+    rtol = DEFAULT_RTOL if opts.rtol is None else opts.rtol
+    return atol, rtol, opts.atol is not None or opts.rtol is not None
 
 
 ONNX_REFERENCE = "the original ONNX file (both without graph optimizations)"
@@ -97,6 +107,8 @@ class _Prepared:
     batches: list
     n_random: int  # the first n_random batches are seeded random inputs, the rest the data's
     onnx_in: bool = False
+    model_dtype: str | None = None  # "float16" / "bfloat16" for a half-precision model
+    baseline: list | None = None  # the float32 twin's outputs on every batch
 
 
 def _random_samples(source, specs, dataset, samples: int) -> int:
@@ -143,7 +155,40 @@ def _prepare(opts: RunOptions, progress: Progress) -> _Prepared:
         sizes=ONNX_BATCHES if source.is_onnx else (SMALL_BATCH, LARGE_BATCH),
     )
     n_random = samples if dataset is not None else max(samples, 1)
-    return _Prepared(source, specs, dataset, dynamic, batches, n_random, source.is_onnx)
+    prep = _Prepared(source, specs, dataset, dynamic, batches, n_random, source.is_onnx)
+    prep.model_dtype = _model_dtype(source)
+    return prep
+
+
+def _model_dtype(source) -> str | None:
+    """ "float16"/"bfloat16" when the model computes in half precision. An ONNX file counts
+    as float16 when it declares float16 tensors (a bfloat16 file's reference cannot run in
+    onnxruntime, so it keeps the float32 tolerance)."""
+    if source.is_onnx:
+        from bnexport.verify import uses_half_type
+
+        return "float16" if uses_half_type(source.path) == "float16" else None
+    dtype = source.model_dtype()
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _record_float32(make_twin, prep: _Prepared, opts: RunOptions, report, progress) -> None:
+    """A half-precision model verified with its dtype tolerance: record its float32 twin's
+    outputs on the same inputs (cast exactly to float32) in `prep.baseline`. A twin that
+    cannot run leaves the plain tolerance, with a warning."""
+    from bnexport.verify import float32_batches, record_reference
+
+    if prep.model_dtype is None or _tolerances(opts)[2]:
+        return
+    progress(f"running the {prep.model_dtype} model's float32 twin")
+    try:
+        prep.baseline = record_reference(make_twin(), float32_batches(prep.batches))
+    except Exception as exc:  # noqa: BLE001 - the plain tolerance applies, with a warning
+        report.warnings.append(
+            f"the {prep.model_dtype} model's float32 twin could not run "
+            f"({summarize_exception(exc)}), so the export is compared with the "
+            f"{prep.model_dtype} original under the float32 tolerance"
+        )
 
 
 def _record(reference, batches) -> list:
@@ -162,43 +207,102 @@ def _record(reference, batches) -> list:
         ) from exc
 
 
+TWIN = "float32 twin"
+ONNX_FILE = "ONNX file"
+
+
 def _verify(
     reference, onnx_path: Path, prep: _Prepared, opts: RunOptions, report: RunReport, progress
 ) -> None:
-    """Fill the report's verification (a comparison that cannot run is the verdict `not run`)."""
-    from bnexport.verify import OnnxRunner, compare, merge
+    """Fill the report's verification (a comparison that cannot run is the verdict `not run`).
+
+    A bfloat16 file that onnxruntime cannot run (its CPU provider has no bfloat16 Conv or
+    Gemm) is verified through its float32 twin: the same weights cast exactly to float32."""
+    from bnexport.verify import OnnxRunner, float32_twin_runner, uses_half_type
 
     progress("verifying with onnxruntime")
-    n_random = prep.n_random
+    optimize = not prep.onnx_in  # an ONNX original ran without graph optimizations
     try:
-        # an ONNX original ran without graph optimizations, and so does its folded file
-        runner = OnnxRunner(str(onnx_path), optimize=not prep.onnx_in)
-        tolerances = {"atol": opts.atol, "rtol": opts.rtol}
-        results = []
-        if n_random:
-            results.append(
-                compare(reference[:n_random], runner, prep.batches[:n_random], **tolerances)
+        try:
+            runner = OnnxRunner(str(onnx_path), optimize=optimize)
+            result, notes = _compare_all(reference, runner, prep, opts)
+            verified = ONNX_FILE
+        except Exception as exc:  # noqa: BLE001 - a bfloat16 file gets its twin verified
+            if uses_half_type(onnx_path) != "bfloat16":
+                raise
+            cause = summarize_exception(exc)
+            progress("verifying the float32 twin with onnxruntime")
+            try:
+                runner = float32_twin_runner(onnx_path, optimize=optimize)
+                result, notes = _compare_all(reference, runner, prep, opts)
+            except Exception as twin_exc:  # noqa: BLE001
+                raise RuntimeError(
+                    f"onnxruntime cannot run the bfloat16 file ({cause}), nor its float32 twin "
+                    f"({summarize_exception(twin_exc)})"
+                ) from twin_exc
+            verified = TWIN
+            notes.insert(0, _twin_warning(cause))
+        if prep.model_dtype is not None:
+            result.model_dtype, result.verified_file = prep.model_dtype, verified
+        overflow = [o.name for o in result.outputs if o.original_err == float("inf")]
+        if overflow:
+            notes.append(
+                f"the {prep.model_dtype} original itself gives inf or NaN where its float32 twin "
+                f"does not (output {', '.join(overflow)}): the model overflows in "
+                f"{prep.model_dtype}, so no tolerance is granted for its own error there"
             )
-        if prep.dataset is not None:
-            data = compare(
-                reference[n_random:],
-                runner,
-                prep.batches[n_random:],
-                labels=prep.dataset.labels,
-                **tolerances,
-            )
-            used = sum(int(b[0].shape[0]) for b in prep.batches[n_random:])
-            data.data, data.data_size = prep.dataset.path, used
-            if used < prep.dataset.size:
-                report.warnings.append(
-                    f"only {used} of the {prep.dataset.size} rows of {prep.dataset.path} were "
-                    f"compared: the model's batch is fixed to {prep.batches[0][0].shape[0]}, "
-                    "and the rows left over do not fill a batch"
-                )
-            results.append(data)
-        report.verify = merge(results)
+        report.verify = result
+        report.warnings += notes
     except Exception as exc:  # noqa: BLE001 - a run-time mismatch is a verification failure
         report.verify_error = summarize_exception(exc)
+
+
+def _twin_warning(cause: str) -> str:
+    import re
+
+    op = re.search(r"of operator \((\w+)\)", cause)
+    what = f"bfloat16 {op.group(1)}" if op else "every op of this file in bfloat16"
+    return (
+        f"onnxruntime's CPU provider cannot run {what}, so the bfloat16 file itself was not "
+        "run; its float32 twin (the same folded weights, cast exactly) was verified instead"
+    )
+
+
+def _compare_all(reference, runner, prep: _Prepared, opts: RunOptions):
+    """The comparison on the random batches and on the data: (merged result, warnings)."""
+    from bnexport.verify import compare, merge
+
+    atol, rtol, _ = _tolerances(opts)
+    n_random = prep.n_random
+    baseline = prep.baseline
+    kw = {"atol": atol, "rtol": rtol}
+    if baseline is not None:
+        kw["factor"] = HALF_ERROR_FACTOR[prep.model_dtype]
+    notes, results = [], []
+    if n_random:
+        if baseline is not None:
+            kw["baseline"] = baseline[:n_random]
+        results.append(compare(reference[:n_random], runner, prep.batches[:n_random], **kw))
+    if prep.dataset is not None:
+        if baseline is not None:
+            kw["baseline"] = baseline[n_random:]
+        data = compare(
+            reference[n_random:],
+            runner,
+            prep.batches[n_random:],
+            labels=prep.dataset.labels,
+            **kw,
+        )
+        used = sum(int(b[0].shape[0]) for b in prep.batches[n_random:])
+        data.data, data.data_size = prep.dataset.path, used
+        if used < prep.dataset.size:
+            notes.append(
+                f"only {used} of the {prep.dataset.size} rows of {prep.dataset.path} were "
+                f"compared: the model's batch is fixed to {prep.batches[0][0].shape[0]}, "
+                "and the rows left over do not fill a batch"
+            )
+        results.append(data)
+    return merge(results), notes
 
 
 def _weight_bytes(program) -> int:
@@ -275,6 +379,7 @@ def _fold_checkpoint(
     from bnexport.export import release_weights, save_onnx_model, to_onnx_program
     from bnexport.folding.torch_engine import fold_program
     from bnexport.inputs import example_inputs
+    from bnexport.load import float32_twin
     from bnexport.render import onnx_metadata
 
     source = prep.source
@@ -287,6 +392,7 @@ def _fold_checkpoint(
         original = program.module()  # the recalibrated model is the one the export must match
     progress("running the original model")
     reference = _record(original, prep.batches)
+    _record_float32(functools.partial(float32_twin, original), prep, opts, report, progress)
     del original
     module_names = source.batchnorm_modules()
     # From here on the traced program is all this run holds of the model: it is folded in
@@ -392,6 +498,7 @@ def _fold_onnx_file(
     source = prep.source
     progress("running the original model in onnxruntime")
     reference = _record(source.reference(), prep.batches)
+    _record_float32(functools.partial(_onnx_twin, source.path), prep, opts, report, progress)
     model = source.model
     came_external = has_external_data(model)  # before folds replace external tensors
     progress("folding BatchNormalization nodes")
@@ -412,6 +519,12 @@ def _fold_onnx_file(
     )
     prep.source = source = model = None
     return reference
+
+
+def _onnx_twin(path: str):
+    from bnexport.verify import Float32TwinReference
+
+    return Float32TwinReference(path)
 
 
 def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -> RunReport:
@@ -446,6 +559,10 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = _quiet) -
     )
     if prep.onnx_in:
         report.reference = ONNX_REFERENCE
+        twin = functools.partial(_onnx_twin, prep.source.path)
+    else:
+        twin = prep.source.float32_reference
+    _record_float32(twin, prep, opts, report, progress)
     _verify(reference, onnx_path, prep, opts, report, progress)
     if opts.json_path is not None:
         write_json(report, opts.json_path)
