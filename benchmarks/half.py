@@ -214,6 +214,8 @@ class Result:
     kept: list  # ours: KeptNode list
     nodes: int
     convert_s: float  # ours: seconds of to_float16
+    fold: str = ""  # run_fold's verdict and max relative error against the eval model
+    differing: int = 0  # float16 weight values of ours that differ from theirs
     agreement: tuple[float, float] | None = None  # argmax agreement with float32: ours, theirs
     accuracy: tuple[float, float, float] | None = None  # float32, ours, theirs
     mse: tuple[float, float, float] | None = None  # reconstruction MSE: float32, ours, theirs
@@ -232,8 +234,8 @@ def bench_case(case: Case, reps: tuple[int, int], work: Path) -> Result:
     f32_path = work / f"{case.name}.onnx"
     with _quiet():
         report = run_fold(RunOptions(model=case.pt2, output=f32_path, data=case.data, samples=2))
-    if not report.passed:
-        raise RuntimeError(f"bnexport fold did not verify {case.pt2}: {report.verdict}")
+    if report.verify is None or not f32_path.is_file():
+        raise RuntimeError(f"bnexport fold wrote no verified file for {case.pt2}")
     data = np.load(case.data)
     x = data["x"].astype(np.float32)
     labels = data["labels"] if "labels" in data.files else None
@@ -258,7 +260,9 @@ def bench_case(case: Case, reps: tuple[int, int], work: Path) -> Result:
         half_report.kept_float32,
         half_report.nodes,
         convert_s,
+        f"{'PASS' if report.passed else 'FAIL'} {report.verify.max_rel_err:.1e}",
     )
+    result.differing = _differing_weights(ours, theirs)
     if y32.ndim == 2 and y32.shape[1] >= 2:
         top = y32.argmax(1)
         result.agreement = tuple(float((y.argmax(1) == top).mean()) for y in (y_ours, y_theirs))
@@ -277,10 +281,30 @@ def bench_case(case: Case, reps: tuple[int, int], work: Path) -> Result:
     return result
 
 
+def _differing_weights(ours: onnx.ModelProto, theirs: onnx.ModelProto) -> int:
+    """Values of the float16 initializers both files hold (by name) that differ bit-wise."""
+    from onnx import numpy_helper
+
+    mine = {t.name: t for t in ours.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    count = 0
+    for t in theirs.graph.initializer:
+        if t.name in mine and t.data_type == onnx.TensorProto.FLOAT16:
+            a = numpy_helper.to_array(mine[t.name]).reshape(-1).view(np.uint16)
+            b = numpy_helper.to_array(t).reshape(-1).view(np.uint16)
+            count += int((a != b).sum()) if a.shape == b.shape else int(a.size)
+    return count
+
+
+def _met(r: Result) -> str:
+    if r.err_ours <= r.err_theirs:
+        return "yes"
+    return f"no (ours - theirs = {r.err_ours - r.err_theirs:.1e})"
+
+
 def _fmt(v: float) -> str:
     if v == float("inf"):
         return "inf (not finite)"
-    return f"{v:.1e}" if v < 0.01 else f"{v:.3g}"
+    return f"{v:.3e}" if v < 0.01 else f"{v:.4g}"
 
 
 def render(results: list[Result], cmd: str, reps: tuple[int, int], wall: float) -> str:
@@ -300,12 +324,17 @@ def render(results: list[Result], cmd: str, reps: tuple[int, int], wall: float) 
         "with its defaults. Error: max |out - out32| / max |out32| on the evaluation inputs "
         "(onnxruntime, optimizations off); target ours <= theirs. Argmax: agreement with the "
         "float32 file. float16 weights: ours, share of weight bytes stored as float16. "
-        "Kept float32: ours, nodes left in float32 of all nodes.",
+        "Kept float32: ours, nodes left in float32 of all nodes. Fold: `run_fold`'s verdict on "
+        "the float32 file and its max relative error against the PyTorch eval model "
+        "(tolerance atol 1e-6 + rtol 1e-5 x scale). Weights differing: float16 weight values "
+        "(of the initializers both files hold in float16) that differ between ours and theirs: "
+        "theirs raises nonzero weights below 1e-7 to +-1e-7 and clamps beyond +-1e4, ours rounds "
+        "each to float16's nearest value (0 or a subnormal below 6e-8).",
         "",
         "| model | error: ours | error: theirs | met | argmax agree: ours / theirs "
         "| size KB: float32 / ours / theirs | float16 weights (ours) | kept float32 (ours) "
-        "| to_float16 (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| weights differing: ours vs theirs | to_float16 (s) | fold: float32 file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = f"{r.name} ({r.note})" if r.note else r.name
@@ -313,8 +342,8 @@ def render(results: list[Result], cmd: str, reps: tuple[int, int], wall: float) 
         sizes = " / ".join(f"{s / 1024:.1f}" for s in r.sizes)
         lines.append(
             f"| {name} | {_fmt(r.err_ours)} | {_fmt(r.err_theirs)} | "
-            f"{'yes' if r.err_ours <= r.err_theirs else 'no'} | {agree} | {sizes} | "
-            f"{r.weight_share:.1%} | {len(r.kept)} of {r.nodes} | {r.convert_s:.2f} |"
+            f"{_met(r)} | {agree} | {sizes} | {r.weight_share:.1%} | {len(r.kept)} of {r.nodes} "
+            f"| {r.differing} | {r.convert_s:.2f} | {r.fold} |"
         )
     for r in results:
         if r.accuracy:
