@@ -9,8 +9,16 @@ DEFAULT_SAMPLES = 4
 
 # A float16 or bfloat16 model is verified against its float32 twin: the export passes when its
 # error is at most HALF_ERROR_FACTOR times the half-precision original's own error (both
-# against the twin) + DEFAULT_ATOL + DEFAULT_RTOL x scale.
-HALF_ERROR_FACTOR = {"float16": 4.0, "bfloat16": 4.0}
+# against the twin) + DEFAULT_ATOL + DEFAULT_RTOL x scale. Measured (export error / original's
+# error, 8 random batches plus the held-out data where there is some) on the correct folds of
+# the shipped digits CNN and autoencoder, the tabular MLP (bfloat16 only: one running_var of
+# 3e5 overflows float16), a post-activation ResNet (9 seeds), a BatchNorm1d MLP (9 seeds) and
+# a pre-activation ResNet (3 seeds, bfloat16 only: it overflows float16): at most 1.53 for
+# float16 (the file itself, in onnxruntime) and 1.28 for bfloat16 (its float32 twin). Wrong
+# folds: a running_var off by 1e-3 gave 19 to 206 (float16) and 2.6 to 122 (bfloat16);
+# omitting eps gave 14 to 27 where variances are small, 2.5 and 3.3 on the ResNet in float16,
+# and below 2 where it changes no weight by more than the half type rounds it.
+HALF_ERROR_FACTOR = {"float16": 3.0, "bfloat16": 2.0}
 
 # Verification batch sizes: a dynamic-batch export runs at both (two sizes, neither the traced
 # batch of 2, prove the batch axis is dynamic); the data set runs in batches of DATA_BATCH.

@@ -260,8 +260,8 @@ def _verify(
 def _twin_warning(cause: str) -> str:
     import re
 
-    op = re.search(r"of operator \((\w+)\)", cause)
-    what = f"bfloat16 {op.group(1)}" if op else "every op of this file in bfloat16"
+    op = re.search(r"of operator \((\w+)\)|implementation for (\w+)\(", cause)
+    what = f"bfloat16 {op.group(1) or op.group(2)}" if op else "every op of this file in bfloat16"
     return (
         f"onnxruntime's CPU provider cannot run {what}, so the bfloat16 file itself was not "
         "run; its float32 twin (the same folded weights, cast exactly) was verified instead"
