@@ -168,9 +168,30 @@ def main() -> None:
     "some by none): give each call that folds its own copy of the weights (the report "
     "gives the bytes added). By default such BNs are left, with the size a copy would add.",
 )
+@click.option(
+    "--fp16",
+    is_flag=True,
+    help="Export float16 weights and compute. Layers whose folded weights or measured "
+    "activations would overflow float16 stay float32 (named in the report); verified against "
+    "the float32 original.",
+)
+@click.option(
+    "--fp16-io",
+    is_flag=True,
+    help="With --fp16 (implies it): float16 inputs and outputs too (default: float32).",
+)
 @_common
 def fold(
-    model, output, opset, save_folded, external_data, recalibrate, duplicate_shared, **kw
+    model,
+    output,
+    opset,
+    save_folded,
+    external_data,
+    recalibrate,
+    duplicate_shared,
+    fp16,
+    fp16_io,
+    **kw,
 ) -> None:
     """Fold MODEL's BatchNorms, export it to ONNX and verify the export."""
     debug = kw.pop("debug")
@@ -182,6 +203,8 @@ def fold(
         external_data=external_data,
         recalibrate=recalibrate,
         duplicate_shared=duplicate_shared,
+        fp16=fp16 or fp16_io,
+        fp16_io=fp16_io,
         **kw,
     )
     _run(lambda runs, progress: runs.run_fold(opts, progress), debug)

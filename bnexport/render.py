@@ -74,6 +74,8 @@ def verify_dict(v: VerifyResult) -> dict[str, Any]:
         # a half-precision model: what was run, and what its errors are measured against
         out["model_dtype"] = v.model_dtype
         out["verified_file"] = v.verified_file
+        if v.own_error_of is not None:
+            out["original_err_of"] = v.own_error_of
     if v.reference_dtype is not None:
         out["reference_dtype"] = v.reference_dtype
         out["factor"] = v.factor
@@ -123,6 +125,8 @@ def run_report_dict(report: RunReport) -> dict[str, Any]:
         out["saved_program"] = report.saved_program
     if report.recalibrated is not None:
         out["recalibrated"] = report.recalibrated
+    if report.float16 is not None:
+        out["float16"] = report.float16.to_dict()
     verify = verify_dict(report.verify) if report.verify is not None else {"passed": False}
     if report.verify_error:
         verify["passed"] = False
@@ -225,6 +229,11 @@ def _verify_title(report: RunReport) -> str:
     v = report.verify
     if v.reference_dtype is None:
         return f"Verification (onnxruntime vs {report.reference})"
+    if v.own_error_of is not None:
+        return (
+            f"Verification (the float16 export in onnxruntime vs {report.reference} in "
+            f"float32; allowance from {v.own_error_of})"
+        )
     run = "the float32 twin in onnxruntime" if v.verified_file == "float32 twin" else "onnxruntime"
     return (
         f"Verification ({run} vs {report.reference}; {v.model_dtype} model: the export and "
@@ -238,6 +247,12 @@ def tolerance_line(v: VerifyResult) -> str | None:
         return None
     own = v.original_err
     which = f"({fmt(own)})" if len(v.outputs) == 1 else f"(at most {fmt(own)}; per output above)"
+    if v.own_error_of is not None:
+        return (
+            f"tolerance for the float16 export: error <= {v.factor:g} x the error of "
+            f"{v.own_error_of} {which} + atol {v.atol:g} + rtol {v.rtol:g} x scale, errors "
+            "measured against the float32 original"
+        )
     return (
         f"tolerance for {v.model_dtype}: export error <= {v.factor:g} x the {v.model_dtype} "
         f"original's own error {which} + atol {v.atol:g} + rtol {v.rtol:g} x scale, errors "
@@ -290,6 +305,9 @@ def render_run(report: RunReport, console: Console) -> None:
             f"{o.batchnorm_nodes} BatchNormalization node{'' if o.batchnorm_nodes == 1 else 's'})",
             markup=False,
         )
+    if report.float16 is not None:
+        for line in float16_lines(report.float16):
+            console.print(line, markup=False)
     if report.saved_program is not None:
         console.print(f"folded program: wrote {report.saved_program}", markup=False)
     if report.verify_error:
@@ -331,6 +349,19 @@ def render_run(report: RunReport, console: Console) -> None:
         f"tolerance {tolerance})",
         markup=False,
     )
+
+
+def float16_lines(half) -> list[str]:
+    """What `--fp16` made: the share of float16 weights and compute, and every node kept in
+    float32 with its reason."""
+    io = sorted({*half.inputs.values(), *half.outputs.values()})
+    lines = [
+        f"float16: {half.float16_nodes} of {half.nodes} nodes compute in float16, "
+        f"{half.float16_weight_share:.1%} of the weight bytes are float16 "
+        f"({fmt_bytes(half.float16_weight_bytes)}); inputs and outputs {' and '.join(io)}"
+    ]
+    lines += [f"kept in float32: {k.name} ({k.op_type}): {k.reason}" for k in half.kept_float32]
+    return lines
 
 
 def report_dict(report) -> dict[str, Any]:

@@ -137,6 +137,7 @@ class RunReport:
     warnings: list[str] = field(default_factory=list)
     reference: str = "eval-mode PyTorch"  # what the ONNX file was compared with
     recalibrated: dict | None = None  # fold --recalibrate: data, samples, BNs
+    float16: Any = None  # fold --fp16: the HalfReport (layers kept in float32, weight bytes)
 
     @property
     def verdict(self) -> str:

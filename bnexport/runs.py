@@ -62,6 +62,8 @@ class RunOptions:
     external_data: bool | None = None  # None: only when the weights exceed the threshold
     recalibrate: Path | None = None  # calibration data: recalibrate before folding
     duplicate_shared: bool = False  # copies of shared weights for calls that fold differently
+    fp16: bool = False  # export float16 weights and compute (float32 where out of range)
+    fp16_io: bool = False  # with fp16: float16 inputs and outputs too
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
@@ -109,6 +111,7 @@ class _Prepared:
     onnx_in: bool = False
     model_dtype: str | None = None  # "float16" / "bfloat16" for a half-precision model
     baseline: list | None = None  # the float32 twin's outputs on every batch
+    half_outputs: list | None = None  # --fp16: the model's own outputs computed in float16
 
 
 def _random_samples(source, specs, dataset, samples: int) -> int:
@@ -244,6 +247,13 @@ def _verify(
             notes.insert(0, _twin_warning(cause))
         if prep.model_dtype is not None:
             result.model_dtype, result.verified_file = prep.model_dtype, verified
+        elif prep.half_outputs is not None:
+            result.model_dtype, result.verified_file = "float16", verified
+            result.own_error_of = (
+                "the original file converted to float16 the same way"
+                if prep.onnx_in
+                else "the model run in float16 by PyTorch"
+            )
         overflow = [o.name for o in result.outputs if o.original_err == float("inf")]
         if overflow:
             notes.append(
@@ -268,6 +278,78 @@ def _twin_warning(cause: str) -> str:
     )
 
 
+def _check_float16_request(prep: _Prepared, opts: RunOptions) -> None:
+    if opts.fp16 and prep.model_dtype is not None:
+        raise BadInputError(
+            f"--fp16 converts a float32 model to float16, but this model already computes in "
+            f"{prep.model_dtype}. Leave out --fp16: the export keeps the model's own dtype."
+        )
+
+
+def _record_float16_run(original, prep: _Prepared, report: RunReport, progress) -> None:
+    """--fp16 from a checkpoint: the model's own outputs in float16 (PyTorch, `.half()` on a
+    copy), whose error against the float32 original sets the float16 export's allowance."""
+    import copy
+
+    import torch
+
+    from bnexport.verify import record_reference
+
+    progress("running the model in float16")
+    try:
+        half = copy.deepcopy(original).half()
+        batches = [
+            tuple(x.half() if torch.is_floating_point(x) else x for x in batch)
+            for batch in prep.batches
+        ]
+        prep.half_outputs = record_reference(half, batches)
+    except Exception as exc:  # noqa: BLE001 - the plain tolerance applies, with a warning
+        report.warnings.append(
+            f"the model could not run in float16 in PyTorch ({summarize_exception(exc)}), so "
+            "the float16 export is held to the float32 tolerance"
+        )
+
+
+def _record_float16_file(model, prep: _Prepared, report: RunReport, progress) -> None:
+    """--fp16 from an ONNX file: the original file converted to float16 the same way, run in
+    onnxruntime; its error against the original sets the float16 export's allowance."""
+    import onnxruntime as ort
+    from onnxscript import ir
+
+    from bnexport.half import to_float16
+    from bnexport.verify import as_numpy_batch
+
+    progress("converting the original file to float16")
+    try:
+        batches = [as_numpy_batch(b) for b in prep.batches]
+        half, _ = to_float16(ir.serde.serialize_model(model), batches)
+        session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        prep.half_outputs = [session.run(None, dict(zip(names, b))) for b in batches]
+    except Exception as exc:  # noqa: BLE001 - the plain tolerance applies, with a warning
+        report.warnings.append(
+            f"the original file could not be converted to float16 ({summarize_exception(exc)}), "
+            "so the float16 export is held to the float32 tolerance"
+        )
+
+
+def _to_float16(model, prep: _Prepared, opts: RunOptions, report: RunReport, progress, exact):
+    """The folded float32 model as float16 (`bnexport.half.to_float16`), ranges measured on
+    the verification inputs; `exact` holds the float64 folded values, each rounded once."""
+    from onnxscript import ir
+
+    from bnexport.half import to_float16
+    from bnexport.verify import as_numpy_batch
+
+    progress("converting to float16")
+    batches = [as_numpy_batch(b) for b in prep.batches]
+    values = {k: v.detach().numpy() for k, v in (exact or {}).items()}
+    half, report.float16 = to_float16(
+        ir.serde.serialize_model(model), batches, keep_io_types=not opts.fp16_io, exact=values
+    )
+    return ir.serde.deserialize_model(half)
+
+
 def _compare_all(reference, runner, prep: _Prepared, opts: RunOptions):
     """The comparison on the random batches and on the data: (merged result, warnings)."""
     from bnexport.verify import compare, merge
@@ -275,17 +357,24 @@ def _compare_all(reference, runner, prep: _Prepared, opts: RunOptions):
     atol, rtol, _ = _tolerances(opts)
     n_random = prep.n_random
     baseline = prep.baseline
+    half = prep.half_outputs
     kw = {"atol": atol, "rtol": rtol}
     if baseline is not None:
         kw["factor"] = HALF_ERROR_FACTOR[prep.model_dtype]
+    elif half is not None:
+        kw["factor"] = HALF_ERROR_FACTOR["float16"]
     notes, results = [], []
     if n_random:
         if baseline is not None:
             kw["baseline"] = baseline[:n_random]
+        elif half is not None:
+            kw["half_outputs"] = half[:n_random]
         results.append(compare(reference[:n_random], runner, prep.batches[:n_random], **kw))
     if prep.dataset is not None:
         if baseline is not None:
             kw["baseline"] = baseline[n_random:]
+        elif half is not None:
+            kw["half_outputs"] = half[n_random:]
         data = compare(
             reference[n_random:],
             runner,
@@ -359,6 +448,7 @@ def run_fold(opts: RunOptions, progress: Progress = _quiet) -> RunReport:
     data_file = output.with_name(output.name + ".data")
     _check_outputs([output, data_file, opts.json_path, opts.save_folded], inputs)
     prep = _prepare(opts, progress)
+    _check_float16_request(prep, opts)
     report = RunReport("fold", str(opts.model), str(output), warnings=list(prep.source.warnings))
     if prep.onnx_in:
         report.reference = ONNX_REFERENCE
@@ -393,6 +483,8 @@ def _fold_checkpoint(
     progress("running the original model")
     reference = _record(original, prep.batches)
     _record_float32(functools.partial(float32_twin, original), prep, opts, report, progress)
+    if opts.fp16:
+        _record_float16_run(original, prep, report, progress)
     del original
     module_names = source.batchnorm_modules()
     # From here on the traced program is all this run holds of the model: it is folded in
@@ -403,12 +495,14 @@ def _fold_checkpoint(
     _collect(large)
 
     progress("folding BatchNorm layers")
+    exact: dict | None = {} if opts.fp16 else None  # float64 folded values, rounded once
     folded, report.fold = fold_program(
         program,
         module_names,
         copy_graph=False,
         in_place=True,
         duplicate_shared=opts.duplicate_shared,
+        exact=exact,
     )
     del program
     _collect(large)
@@ -422,8 +516,11 @@ def _fold_checkpoint(
         # into place: a run that fails leaves neither
         report.saved_program = str(opts.save_folded)
         save_folded = functools.partial(save_program, folded, Path(opts.save_folded))
+    model = onnx_program.model
+    if opts.fp16:
+        model = _to_float16(model, prep, opts, report, progress, exact)
     report.onnx = save_onnx_model(
-        onnx_program.model,
+        model,
         output,
         metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
         external_data=opts.external_data,
@@ -431,6 +528,7 @@ def _fold_checkpoint(
         before_commit=save_folded,
     )
     release_weights(onnx_program.model)
+    del model
     del onnx_program, save_folded, folded
     _collect(large)
     if prep.dynamic != (not opts.static_batch):
@@ -500,12 +598,16 @@ def _fold_onnx_file(
     reference = _record(source.reference(), prep.batches)
     _record_float32(functools.partial(_onnx_twin, source.path), prep, opts, report, progress)
     model = source.model
+    if opts.fp16:
+        _record_float16_file(model, prep, report, progress)
     came_external = has_external_data(model)  # before folds replace external tensors
     progress("folding BatchNormalization nodes")
     report.fold = fold_onnx_model(model, duplicate_shared=opts.duplicate_shared)
     report.warnings += report.fold.warnings
-    progress("writing the folded ONNX file")
     keep_declared_value_info(model)
+    if opts.fp16:
+        model = _to_float16(model, prep, opts, report, progress, None)
+    progress("writing the folded ONNX file")
     external = opts.external_data
     if external is None and came_external:
         external = True  # written back the way it came

@@ -72,6 +72,8 @@ class VerifyResult:
     model_dtype: str | None = None  # "float16" or "bfloat16"
     reference_dtype: str | None = None  # "float32": the twin the errors are measured against
     verified_file: str | None = None  # "ONNX file", or "float32 twin" when it could not run
+    # a float16 export of a float32 model: whose own float16 error sets the allowance
+    own_error_of: str | None = None
 
     def tolerance(self, o: OutputCheck) -> float:
         """The largest error output `o` may have."""
@@ -216,6 +218,8 @@ class OnnxRunner:
             return x.astype(_numpy_float(want))
         if want == "float32" and x.dtype == np.float16:
             return x.astype(np.float32)  # a float32 twin fed a float16 model's inputs
+        if want == "float16" and x.dtype == np.float32:
+            return x.astype(np.float16)  # a float16 export with float16 inputs (--fp16-io)
         return x  # anything else as it is (onnxruntime names a mismatch)
 
     def __call__(self, *args) -> list[np.ndarray]:
@@ -383,6 +387,7 @@ def compare(
     labels: np.ndarray | None = None,
     baseline: Sequence | None = None,
     factor: float | None = None,
+    half_outputs: Sequence | None = None,
 ) -> VerifyResult:
     """Run the ONNX model on every batch and accumulate per-output errors against the reference.
 
@@ -390,9 +395,14 @@ def compare(
     `baseline`: the recorded outputs of the float32 twin of a half-precision reference; then
     the errors (and scales) of the ONNX model and of the reference itself are measured against
     it, and `factor` (the dtype tolerance) applies.
+    `half_outputs`: for a float16 export of a float32 reference, the reference model's own
+    outputs computed in float16 on every batch; the errors are measured against the reference
+    and the allowance is `factor` times the error of `half_outputs` against it.
     """
     recorded = None if callable(reference) else list(reference)
     twin = None if baseline is None else list(baseline)
+    own = None if half_outputs is None else list(half_outputs)
+    measured = twin is not None or own is not None
     checks: list[OutputCheck] | None = None
     samples, batch_sizes = 0, []
     ref_correct = onnx_correct = n_labels = 0
@@ -406,12 +416,14 @@ def compare(
         if len(got) != len(ref):
             raise ValueError(f"the ONNX model has {len(got)} outputs but the model has {len(ref)}")
         if checks is None:
-            checks = [OutputCheck(n, original_err=None if twin is None else 0.0) for n in names]
+            checks = [OutputCheck(n, original_err=0.0 if measured else None) for n in names]
         base = ref if twin is None else as_outputs(twin[i]).arrays
-        for check, r, g, b in zip(checks, ref, got, base):
-            if twin is not None:
-                own = _error_and_scale(b, r)[0] if b.shape == r.shape else float("inf")
-                check.original_err = max(check.original_err, own)
+        # the half-precision run whose own error sets the allowance
+        mine = ref if twin is not None else as_outputs(own[i]).arrays if own is not None else ref
+        for check, r, g, b, h in zip(checks, ref, got, base, mine):
+            if measured:
+                err_h = _error_and_scale(b, h)[0] if b.shape == h.shape else float("inf")
+                check.original_err = max(check.original_err, err_h)
             if b.shape != g.shape:
                 check.max_abs_err = float("inf")
                 continue
@@ -431,7 +443,7 @@ def compare(
         samples += 1
         batch_sizes.append(int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1)
     result = VerifyResult(checks or [], samples, atol, rtol, batch_sizes)
-    if twin is not None:
+    if measured:
         result.factor, result.reference_dtype = factor, "float32"
     if n_labels:
         result.accuracy = Accuracy(ref_correct / n_labels, onnx_correct / n_labels, n_labels)

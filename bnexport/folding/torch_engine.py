@@ -236,7 +236,9 @@ def _bias_target(folds: _LayerFolds, nodes: list[fx.Node], state: ProgramState) 
     return folds.bias_target
 
 
-def _shift_parameter(bn: BatchNormCall, state: ProgramState, shifts: dict) -> fx.Node:
+def _shift_parameter(
+    bn: BatchNormCall, state: ProgramState, shifts: dict, exact: dict | None
+) -> fx.Node:
     """u = t / s laid out on the BN input's channel axis, one parameter per set of BN
     parameters (the calls of one BN module share it)."""
     key = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
@@ -247,16 +249,20 @@ def _shift_parameter(bn: BatchNormCall, state: ProgramState, shifts: dict) -> fx
         prefix = (state.target(bn.running_mean) or "bn").rpartition(".")[0]
         hint = f"{prefix}.shift" if prefix else "shift"
         shifts[key] = state.add_parameter(hint, u.to(val.dtype).reshape(shape))
+        if exact is not None:
+            exact[state.target(shifts[key])] = u.reshape(shape)
     return shifts[key]
 
 
-def _remove_batchnorm(plan: FoldPlan, state: ProgramState, shifts: dict) -> None:
+def _remove_batchnorm(
+    plan: FoldPlan, state: ProgramState, shifts: dict, exact: dict | None = None
+) -> None:
     """Take the BN call out of the graph: its users read its input, or for a fold that keeps
     the shift, an Add of its input and u = t / s."""
     bn = plan.bn
     replacement = bn.input
     if plan.shift_kept:
-        u = _shift_parameter(bn, state, shifts)
+        u = _shift_parameter(bn, state, shifts, exact)
         with state.graph.inserting_before(bn.op_node):
             replacement = state.graph.call_function(aten.add.Tensor, (bn.input, u))
         replacement.meta["val"] = bn.node.meta["val"]
@@ -270,7 +276,11 @@ def _remove_batchnorm(plan: FoldPlan, state: ProgramState, shifts: dict) -> None
 
 
 def _apply_group(
-    group: _Group, state: ProgramState, pending: dict[str, _LayerFolds], shifts: dict
+    group: _Group,
+    state: ProgramState,
+    pending: dict[str, _LayerFolds],
+    shifts: dict,
+    exact: dict | None = None,
 ) -> None:
     """Rewire the group's BN calls and queue its affine, once, for the shared weights. A copy
     of the weights starts with the folds already queued for the weights it copies."""
@@ -289,7 +299,7 @@ def _apply_group(
     s, t = _layer_affine(plan, state)
     folds.affines.append(_Affine(plan.direction, s, t, plan.shift_kept))
     for member in group.plans:
-        _remove_batchnorm(member, state, shifts)
+        _remove_batchnorm(member, state, shifts, exact)
 
 
 class _Workspace:
@@ -311,7 +321,12 @@ def _block_rows(weight: torch.Tensor) -> int:
 
 
 def _fold_layer(
-    folds: _LayerFolds, state: ProgramState, workspace: _Workspace, *, in_place: bool
+    folds: _LayerFolds,
+    state: ProgramState,
+    workspace: _Workspace,
+    *,
+    in_place: bool,
+    exact: dict | None = None,
 ) -> None:
     """Apply every queued affine to one layer's weight and bias, a block of rows at a time.
 
@@ -327,6 +342,7 @@ def _fold_layer(
     step = _block_rows(weight)
     in_place = in_place and not state.shares_memory(w_target)
     new_weight = weight if in_place else torch.empty_like(weight, requires_grad=False)
+    exact_weight = None if exact is None else torch.empty(weight.shape, dtype=F64)
     deltas = [torch.zeros(out_channels, dtype=F64) for _ in folds.affines]
     with torch.no_grad():
         for start in range(0, rows, step):
@@ -344,8 +360,12 @@ def _fold_layer(
                     )
                 block = scale_weight(block, affine.s, axis, layout, start, rows, out=out)
             new_weight[start : start + step].copy_(block)  # the one cast to the weight's dtype
+            if exact_weight is not None:
+                exact_weight[start : start + step].copy_(block)
     if not in_place:
         state.replace(w_target, new_weight)
+    if exact is not None:
+        exact[w_target] = exact_weight
     if bias is None:
         return
     with torch.no_grad():
@@ -357,6 +377,8 @@ def _fold_layer(
                 else b + delta
             )
     state.replace(folds.bias_target, b.to(bias.dtype))
+    if exact is not None:
+        exact[folds.bias_target] = b
 
 
 def _decide(
@@ -413,6 +435,7 @@ def fold_program(
     copy_graph: bool = True,
     in_place: bool = False,
     duplicate_shared: bool = False,
+    exact: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every BN call of `program` that folds exactly; report every BN.
 
@@ -427,6 +450,10 @@ def fold_program(
     A layer called several times (its weights read by several calls) takes a BN's fold once
     when every call is followed (or preceded) by a BN with the same affine; otherwise, with
     `duplicate_shared=True`, the calls that take the fold get their own copy of the weights.
+
+    `exact`, a dict, receives the float64 value of every tensor the fold writes (folded
+    weights and biases, kept shifts) by state name, before its one cast: a float16 export
+    rounds each of them once from there.
     """
     state = ProgramState(program, copy_graph=copy_graph)
     calls = batchnorm_calls(state.graph)
@@ -450,7 +477,7 @@ def fold_program(
         others = [c for c in calls if c.op_node is not call.op_node and not _folded(c)]
         outcome = _decide(call, state, others, decided, duplicate_shared)
         if isinstance(outcome, _Group):
-            _apply_group(outcome, state, pending, shifts)
+            _apply_group(outcome, state, pending, shifts, exact)
             for k, plan in enumerate(outcome.plans):
                 decided[plan.bn.op_node] = FoldDecision(
                     name=name_of[plan.bn.op_node],
@@ -475,7 +502,7 @@ def fold_program(
     largest = max((min(_block_rows(w), w.shape[0]) * w[0].numel() for w in weights), default=0)
     workspace = _Workspace(largest)  # allocated once, at the size of the largest block
     for folds in pending.values():
-        _fold_layer(folds, state, workspace, in_place=in_place)
+        _fold_layer(folds, state, workspace, in_place=in_place, exact=exact)
     state.remove_unused()
     called = {c.name for c in calls}
     for name, cls in (module_names or {}).items():
