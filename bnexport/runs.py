@@ -27,6 +27,7 @@ from bnexport.defaults import (
     DEFAULT_RTOL,
     DEFAULT_SAMPLES,
     EXTERNAL_DATA_THRESHOLD,
+    FLOAT16_FALLBACK_RTOL,
     HALF_ERROR_FACTOR,
 )
 from bnexport.errors import BadInputError, summarize_exception
@@ -254,8 +255,15 @@ def _verify(
                 if prep.onnx_in
                 else "the model run in float16 by PyTorch"
             )
+            result.fallback_rtol = FLOAT16_FALLBACK_RTOL
         overflow = [o.name for o in result.outputs if o.original_err == float("inf")]
-        if overflow:
+        if overflow and result.own_error_of is not None:
+            notes.append(
+                f"{result.own_error_of} gives inf or NaN (output {', '.join(overflow)}), so "
+                f"there the float16 export may differ from the float32 original by "
+                f"{FLOAT16_FALLBACK_RTOL:.2g} x scale (8 float16 epsilons) + atol"
+            )
+        elif overflow:
             notes.append(
                 f"the {prep.model_dtype} original itself gives inf or NaN where its float32 twin "
                 f"does not (output {', '.join(overflow)}): the model overflows in "

@@ -74,12 +74,17 @@ class VerifyResult:
     verified_file: str | None = None  # "ONNX file", or "float32 twin" when it could not run
     # a float16 export of a float32 model: whose own float16 error sets the allowance
     own_error_of: str | None = None
+    # and the allowance per unit of scale where that own float16 run overflows
+    fallback_rtol: float | None = None
 
     def tolerance(self, o: OutputCheck) -> float:
         """The largest error output `o` may have."""
         tol = self.atol + self.rtol * o.scale
-        if self.factor is not None and o.original_err is not None and np.isfinite(o.original_err):
-            tol += self.factor * o.original_err
+        if self.factor is not None and o.original_err is not None:
+            if np.isfinite(o.original_err):
+                tol += self.factor * o.original_err
+            elif self.fallback_rtol is not None:
+                tol += self.fallback_rtol * o.scale
         return tol
 
     @property

@@ -1,0 +1,121 @@
+"""`bnexport fold --fp16`: float16 weights and compute, out-of-range layers kept in float32,
+verified against the float32 original, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.half import overflow_net, save_pt2
+from bnexport.cli import main
+from bnexport.folding.torch_engine import fold_program
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+
+def _fold(*args) -> tuple[object, dict]:
+    json_path = Path(args[args.index("-o") + 1]).with_suffix(".json")
+    result = CliRunner().invoke(main, ["fold", *map(str, args), "--json", str(json_path)])
+    report = json.loads(json_path.read_text()) if json_path.exists() else {}
+    return result, report
+
+
+def _weight_bytes(model: onnx.ModelProto) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for init in model.graph.initializer:
+        n = onnx.numpy_helper.to_array(init).nbytes
+        sizes[init.data_type] = sizes.get(init.data_type, 0) + n
+    return sizes
+
+
+def _io_types(model: onnx.ModelProto) -> set[int]:
+    values = [*model.graph.input, *model.graph.output]
+    return {v.type.tensor_type.elem_type for v in values}
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "tabular_mlp", "digits_autoencoder"])
+def test_shipped_models_in_float16(name, tmp_path):
+    out = tmp_path / f"{name}.onnx"
+    result, report = _fold(MODELS / f"{name}.pt2", "-o", out, "--fp16")
+    assert result.exit_code == 0, result.output
+    assert report["verdict"] == "passed" and report["verify"]["model_dtype"] == "float16"
+    model = onnx.load(str(out))
+    sizes = _weight_bytes(model)
+    assert sizes.get(FLOAT16, 0) >= 0.9 * sum(sizes.values())
+    assert _io_types(model) == {FLOAT}
+    assert report["float16"]["kept_float32"] == []
+    agreement = report["verify"].get("data_argmax_agreement")
+    if agreement is not None:  # the classifiers, on their held-out split
+        assert agreement >= 0.995
+        acc = report["verify"]["accuracy"]
+        assert abs(acc["onnx"] - acc["original"]) <= 0.005
+    assert "float16: " in result.output and "tolerance for the float16 export" in result.output
+
+
+def test_fp16_io_gives_float16_inputs_and_outputs(tmp_path):
+    out = tmp_path / "mlp.onnx"
+    result, report = _fold(MODELS / "tabular_mlp.pt2", "-o", out, "--fp16-io")
+    assert result.exit_code == 0, result.output
+    assert _io_types(onnx.load(str(out))) == {FLOAT16}
+    assert set(report["float16"]["inputs"].values()) == {"float16"}
+
+
+def test_out_of_range_layers_stay_float32_and_are_named(tmp_path):
+    model, x = overflow_net()
+    pt2, data = tmp_path / "overflow.pt2", tmp_path / "overflow_data.npz"
+    save_pt2(model, x, pt2)
+    np.savez(data, x=x)
+    out = tmp_path / "overflow.onnx"
+    result, report = _fold(pt2, "-o", out, "--fp16", "--data", data)
+    assert result.exit_code == 0, result.output
+    kept = {k["name"]: k["reason"] for k in report["float16"]["kept_float32"]}
+    assert kept, report["float16"]
+    assert any("beyond float16's largest finite value" in r for r in kept.values())
+    assert any("on the verification inputs" in r for r in kept.values())
+    for name in kept:
+        assert f"kept in float32: {name}" in result.output
+    # the kept nodes compute in float32 in the file; everything else in float16
+    nodes = {n.name: n for n in onnx.load(str(out)).graph.node}
+    assert set(kept) <= set(nodes)
+    assert report["verify"]["passed"] and report["verify"]["max_rel_err"] < 5e-3
+
+
+def test_each_folded_weight_is_rounded_once_from_float64(tmp_path):
+    """The float16 weights in the file are the float64 folded values rounded once."""
+    out = tmp_path / "digits.onnx"
+    result, _ = _fold(MODELS / "digits_cnn.pt2", "-o", out, "--fp16")
+    assert result.exit_code == 0, result.output
+    exact: dict = {}
+    fold_program(torch.export.load(str(MODELS / "digits_cnn.pt2")), exact=exact)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    for name in ("features.0.weight", "features.0.bias", "input_bn.shift"):
+        want = exact[name].numpy().astype(np.float16)
+        assert np.array_equal(inits[name].view(np.uint16), want.view(np.uint16)), name
+
+
+def test_fp16_of_a_half_precision_model_is_refused(tmp_path):
+    program = torch.export.load(str(MODELS / "digits_cnn.pt2"))
+    half = program.module().half()
+    x = torch.randn(2, 1, 8, 8).half()
+    pt2 = tmp_path / "half.pt2"
+    torch.export.save(torch.export.export(half, (x,)), str(pt2))
+    out = tmp_path / "half.onnx"
+    result, _ = _fold(pt2, "-o", out, "--fp16")
+    assert result.exit_code == 2
+    assert "already computes in float16" in result.output and not out.exists()
+
+
+def test_onnx_file_in_float16(tmp_path):
+    out = tmp_path / "u.onnx"
+    result, report = _fold(MODELS / "digits_cnn.unfolded.onnx", "-o", out, "--fp16")
+    assert result.exit_code == 0, result.output
+    assert report["onnx"]["batchnorm_nodes"] == 0 and report["verify"]["passed"]
+    assert "converted to float16 the same way" in report["verify"]["original_err_of"]
+    assert report["verify"]["data_argmax_agreement"] >= 0.995
