@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.nets import reference_models  # noqa: E402
+from benchmarks.timing import ort_session  # noqa: E402
 from bnexport import fold  # noqa: E402
 from bnexport.export import count_batchnorm_nodes  # noqa: E402
 from bnexport.folding.torch_engine import fold_program  # noqa: E402
@@ -157,22 +158,9 @@ def trace_and_fold(model, args, reps: int) -> tuple[float, float]:
     return statistics.median(traces), statistics.median(folds)
 
 
-def _session(path: Path, optimize: bool) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def latency(path_a: Path, path_b: Path, x: np.ndarray, optimize: bool, budget: float):
     """Median latency of two ONNX files on the same input, alternating single runs."""
-    sa, sb = _session(path_a, optimize), _session(path_b, optimize)
+    sa, sb = ort_session(path_a, optimize), ort_session(path_b, optimize)
     feed_a = {sa.get_inputs()[0].name: x}
     feed_b = {sb.get_inputs()[0].name: x}
     for s, f in ((sa, feed_a), (sb, feed_b)):

@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.nets import MobileNetV2, ResNet50, train_statistics  # noqa: E402
-from benchmarks.timing import median_time  # noqa: E402
+from benchmarks.timing import median_time, ort_session  # noqa: E402
 from bnexport.half import to_float16  # noqa: E402
 from bnexport.runs import RunOptions, run_fold  # noqa: E402
 
@@ -167,20 +167,6 @@ def _built(name: str, model: nn.Module, x: np.ndarray, work: Path, note: str) ->
     return Case(name, pt2, data, note)
 
 
-def _session(model: onnx.ModelProto | Path, optimize: bool) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-
-
 def _run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     name = session.get_inputs()[0].name
     return session.run(None, {name: x})[0].astype(np.float64)
@@ -188,7 +174,7 @@ def _run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
 
 def latency(models: list, x: np.ndarray, reps: int) -> list[float]:
     """Median seconds per run of each model, in alternating rounds (order rotating)."""
-    sessions = [_session(m, optimize=True) for m in models]
+    sessions = [ort_session(m, optimize=True) for m in models]
     for s in sessions:
         s.run(None, {s.get_inputs()[0].name: x})
     per_round = max(1, reps // ROUNDS)
@@ -248,7 +234,7 @@ def bench_case(case: Case, reps: tuple[int, int], work: Path) -> Result:
     paths = [f32_path, work / f"{case.name}.ours.onnx", work / f"{case.name}.theirs.onnx"]
     onnx.save(ours, str(paths[1]))
     onnx.save(theirs, str(paths[2]))
-    y32, y_ours, y_theirs = (_run(_session(p, optimize=False), x) for p in paths)
+    y32, y_ours, y_theirs = (_run(ort_session(p, optimize=False), x) for p in paths)
     result = Result(
         case.name,
         case.note,

@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.nets import Siamese, SiameseEncoder, TiedLoop, randomize_bn  # noqa: E402
 from benchmarks.peer_fold_cases import count_bn  # noqa: E402
-from benchmarks.timing import median_time  # noqa: E402
+from benchmarks.timing import median_time, ort_session  # noqa: E402
 from bnexport.runs import RunOptions, run_fold  # noqa: E402
 from models.architectures import digits_cnn  # noqa: E402
 
@@ -189,21 +189,6 @@ def run_bnexport(pt2: Path, out: Path, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
-def _session(path: Path, optimize: bool, save_to: Path | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    if save_to is not None:
-        opts.optimized_model_filepath = str(save_to)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _feeds(session: ort.InferenceSession, arrays: tuple) -> dict:
     return {i.name: a for i, a in zip(session.get_inputs(), arrays)}
 
@@ -212,7 +197,7 @@ def after_ort(path: Path, work: Path) -> tuple[int, float]:
     """(BatchNormalization nodes, MB of initializers) once onnxruntime has optimized the file
     (level ALL)."""
     saved = work / (path.stem + ".ort_all.onnx")
-    _session(path, True, saved)
+    ort_session(path, True, saved)
     from onnxscript import ir
 
     size = sum(v.const_value.nbytes for v in ir.load(str(saved)).graph.initializers.values())
@@ -237,7 +222,7 @@ class Reference:
         )
 
     def onnx_outputs(self, path: Path, optimize: bool = False) -> list[np.ndarray]:
-        session = _session(path, optimize)
+        session = ort_session(path, optimize)
         return [session.run(None, _feeds(session, b))[0] for b in self.batches]
 
     def torch_outputs(self, model: nn.Module) -> list[np.ndarray]:
@@ -253,7 +238,7 @@ class Reference:
 
 def latency(plain: Path, ours: Path, arrays: tuple, optimize: bool, reps: int):
     """Median seconds per run of the plain file and of bnexport's, alternating rounds."""
-    sa, sb = _session(plain, optimize), _session(ours, optimize)
+    sa, sb = ort_session(plain, optimize), ort_session(ours, optimize)
     fa, fb = _feeds(sa, arrays), _feeds(sb, arrays)
     sa.run(None, fa)
     sb.run(None, fb)
