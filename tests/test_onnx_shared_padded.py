@@ -521,3 +521,37 @@ def test_shared_refusal_wording():
     other = model.graph.node[2].name
     want = shared_refusal(name, 2, f"Conv '{other}' has no BN to fold", 4 * 4 * 9 * 4 + 16)
     assert report.left[0].reason.startswith(f"preceding: {want}")
+
+
+def test_three_calls_with_three_bns_name_the_bns_left_earlier():
+    b = GraphBuilder(seed=7)
+    w, bias = b.weight(4, 4, 3, 3), b.weight(4)
+    outs = []
+    for k in range(3):
+        x = "x" if k == 0 else b.node("Relu", [outs[-1]])
+        c = b.node("Conv", [x, w, bias], pads=[1] * 4)
+        outs.append(_bn(b, c, _bn_params(b, 4)))
+    model = b.model([X4], [outs[-1]])
+    out, report = _fold_and_compare(model, {"x": _x(2, 4, 6, 6)})
+    assert len(report.left) == 3
+    for d in report.left:
+        assert "has no BN to fold" not in d.reason, d.reason
+        assert "another BN" in d.reason or "a BN that stays" in d.reason, d.reason
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_bn_before_a_bias_free_conv_of_a_torch_export(padding):
+    """torch.onnx gives a bias-free conv a zero bias computed by CastLike(0, BN output): that
+    reads only the BN output's dtype, so the BN still folds."""
+    module = _randomize(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=padding, bias=False))
+    )
+    x = torch.randn(2, 3, 8, 8)
+    proto = _export(module, (x,))
+    out, report = fold_proto(proto)
+    assert bn_count(out) == 0 and not report.left
+    assert report.folded[0].shift_kept == bool(padding)
+    feeds = {proto.graph.input[0].name: x.numpy()}
+    with torch.no_grad():
+        want = module(x).numpy()
+    assert max_rel_diff([want], run(out, feeds)) <= 1e-5

@@ -413,3 +413,56 @@ def test_a_weight_copy_keeps_the_folds_already_made_into_the_shared_weights():
     report = result.report
     assert not report.left and report.decision("bn_in").shared_calls == 2
     assert report.bytes_added == WEIGHT_BYTES and err < 1e-6
+
+
+class GroupThenCopy(nn.Module):
+    """One BN module after both calls of a conv (one fold for both), then another BN before
+    the second, zero-padded call only: that call gets a copy of the weights that must carry
+    the first fold, bias included."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.bn_same, self.bn_a = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_same(self.conv(x)))
+        return self.bn_same(self.conv(self.bn_a(y)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_weight_copy_keeps_the_bias_of_earlier_folds(bias):
+    result, err = _run(GroupThenCopy(bias), torch.randn(2, 4, 8, 8), duplicate_shared=True)
+    assert not result.report.left and result.report.decision("bn_a").shift_kept
+    assert err < 1e-6
+
+
+def test_mixed_padding_calls_are_named_as_such():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.padded = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            a = self.padded(self.bn(x))
+            b = torch.nn.functional.conv2d(self.bn(x * 2), self.padded.weight, self.padded.bias)
+            return a.sum((2, 3)) + b.sum((2, 3))
+
+    result, _ = _run(Mixed(), torch.randn(2, 3, 6, 6))
+    reasons = " ".join(d.reason or "" for d in result.report.left)
+    assert "pads with zeros, so there the shift stays as an Add" in reasons, str(result.report)
+
+
+def test_float16_shift_beyond_range_is_left_with_its_reason():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1e-3)
+        model[0].bias.fill_(100.0)  # u = t / s = 1e5, beyond float16
+    model = model.half()
+    x = torch.randn(2, 4, 6, 6).half()
+    result = fold(model, (x,))
+    d = result.report.decision("0")
+    assert d.status == "left" and "shift kept as an Add of 1e+05" in d.reason, d.reason
+    with torch.no_grad():
+        assert torch.isfinite(result.module(x)).all()

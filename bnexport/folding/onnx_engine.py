@@ -174,6 +174,8 @@ class _Folder:
                 problem = f"{g.describe(call)} uses them with another bias or other attributes"
             elif not plans:
                 problem = f"{g.describe(call)} has no BN to fold"
+            elif any(p.bn.node in self.decided for p in plans):
+                problem = f"{g.describe(call)} is {side} by a BN that stays"
             elif len(plans) > 1 or not self._same_affine(plan, plans[0]):
                 problem = f"{g.describe(call)} is {side} by another BN"
             else:
@@ -206,11 +208,13 @@ class _Folder:
     def _sibling_plans(
         self, plan: OnnxFoldPlan, calls: list[ir.Node]
     ) -> dict[ir.Node, list[OnnxFoldPlan]]:
-        """For each call, the undecided BNs that would fold into it on the plan's side."""
+        """For each call, the BNs still in the graph that would fold into it on the plan's
+        side (those left earlier only explain a refusal)."""
         found: dict[ir.Node, list[OnnxFoldPlan]] = {call: [] for call in calls}
         found.setdefault(plan.layer.node, []).append(plan)
         for node, site in self.sites.items():
-            if node is plan.bn.node or node in self.decided or isinstance(site, str):
+            folded = node in self.decided and self.decided[node].folded
+            if node is plan.bn.node or folded or isinstance(site, str):
                 continue
             other = self._plan(site, plan.direction)
             if (

@@ -80,10 +80,13 @@ class OnnxGraph:
 
     def consumers(self, value: ir.Value) -> list[ir.Node]:
         """The distinct nodes that read the data of `value` (in any graph, subgraphs
-        included); Shape and Size read only its shape, which no fold changes."""
+        included); Shape and Size read only its shape, and CastLike only the dtype of its
+        second input (an exporter's zero bias), which no fold changes."""
         seen: list[ir.Node] = []
         for use in value.uses():
-            if use.node not in seen and not is_onnx_op(use.node, *SHAPE_READERS):
+            if is_onnx_op(use.node, *SHAPE_READERS) or _reads_dtype_only(use):
+                continue
+            if use.node not in seen:
                 seen.append(use.node)
         return seen
 
@@ -135,6 +138,10 @@ class OnnxGraph:
                 return f"the model input '{value.name}'"
             return f"the constant '{value.name}'" if value is not None else "nothing"
         return f"{node.op_type} '{node_name(node)}'"
+
+
+def _reads_dtype_only(use) -> bool:
+    return is_onnx_op(use.node, "CastLike") and use.idx == 1
 
 
 def attr(node: ir.Node, name: str, default=None):

@@ -148,16 +148,18 @@ def overflow_reason(
     finite = float(np.finfo(dtype).max)
     axis = layer.layout.out_axis if plan.direction == PRECEDING else layer.layout.in_axis
     w = fm.scale_weight(fm.array_f64(layer.weight_array), s, axis, layer.layout)
-    largest = max(
-        float(w.abs().max()),
-        float(t.abs().max()) if plan.direction == PRECEDING else 0.0,
-        float(u.abs().max()) if u is not None else 0.0,
-    )
-    if largest > finite:
-        return (
-            f"folding it into {layer.name} would give {dtype} weights of {largest:.3g}, beyond "
-            f"the largest finite {dtype} ({finite:.0f})"
-        )
+    values = {"weights": w}
+    if plan.direction == PRECEDING:
+        values["bias"] = t
+    if u is not None:
+        values["shift kept as an Add"] = u
+    for what, value in values.items():
+        largest = float(value.abs().max()) if value.numel() else 0.0
+        if largest > finite:
+            return (
+                f"folding it into {layer.name} would give {dtype} {what} of {largest:.3g}, "
+                f"beyond the largest finite {dtype} ({finite:.0f})"
+            )
     return None
 
 

@@ -137,6 +137,12 @@ def _why_apart(
 ) -> str:
     """What keeps the call `odd` of the shared weights from taking `plan`'s fold."""
     side = "followed" if plan.direction == PRECEDING else "preceded"
+    if odd in others and others[odd].shift_kept != plan.shift_kept:
+        padded = odd.name if others[odd].shift_kept else "this call"
+        return (
+            f"its call {odd.name} takes the BN's shift another way ({padded} pads with zeros, "
+            "so there the shift stays as an Add)"
+        )
     if odd in others:
         return f"its call {odd.name} is {side} by a BN with other statistics"
     if match_layer(odd, state) is not None:
@@ -289,8 +295,10 @@ def _apply_group(
         earlier = pending.get(state.target(plan.layer.weight))
         _give_own_weights(group, state)
         if earlier is not None:
+            # the copied bias (the one the calls read) takes the earlier folds too
+            bias = None if earlier.bias_target is None else state.target(plan.layer.bias)
             pending[state.target(plan.layer.weight)] = _LayerFolds(
-                plan.layer, affines=list(earlier.affines)
+                plan.layer, bias, list(earlier.affines)
             )
     w_target = state.target(plan.layer.weight)
     folds = pending.setdefault(w_target, _LayerFolds(plan.layer))
@@ -381,6 +389,40 @@ def _fold_layer(
         exact[folds.bias_target] = b
 
 
+def _overflow_reason(plan: FoldPlan, state: ProgramState) -> str | None:
+    """For a weight of 16 bits or fewer: why the folded values (weight, bias, a kept shift)
+    would not fit its dtype."""
+    layer = plan.layer
+    weight = state.tensor(layer.weight)
+    if weight.element_size() > 2 or not weight.is_floating_point():
+        return None
+    finite = float(torch.finfo(weight.dtype).max)
+    s, t = _layer_affine(plan, state)
+    layout = layer.layout
+    bias = None if layer.bias is None else state.tensor(layer.bias)
+    if plan.direction == PRECEDING:
+        folded = scale_weight(weight, s, layout.out_axis, layout)
+        values = {"weights": folded, "bias": preceding_bias(bias, s, t)}
+    else:
+        values = {"weights": scale_weight(weight, s, layout.in_axis, layout)}
+        if plan.shift_kept:
+            values["shift kept as an Add"] = shift_before_scale(*_scale_shift(plan.bn, state))
+        elif layout.out_axis == 0 or layout.groups == 1:
+            out = bias.shape[0] if bias is not None else None
+            out = out or (weight.shape[1] * layout.groups if layout.out_axis else weight.shape[0])
+            delta = following_bias_delta(weight, t, layout, out)
+            values["bias"] = delta if bias is None else bias.to(F64) + delta
+    for what, value in values.items():
+        largest = float(value.abs().max()) if value.numel() else 0.0
+        if largest > finite:
+            dtype = str(weight.dtype).removeprefix("torch.")
+            return (
+                f"folding it into {layer.name} would give {dtype} {what} of {largest:.3g}, "
+                f"beyond the largest finite {dtype} ({finite:.0f})"
+            )
+    return None
+
+
 def _decide(
     bn: BatchNormCall,
     state: ProgramState,
@@ -405,6 +447,10 @@ def _decide(
                 result = Refusal(
                     result.direction, zero_scale_refusal(result.layer.name, zero_scale_channels(s))
                 )
+        if isinstance(result, FoldPlan):
+            problem = _overflow_reason(result, state)
+            if problem is not None:
+                result = Refusal(result.direction, problem)
         if isinstance(result, FoldPlan):
             result = _resolve_sharing(result, pattern, others, decided, state, duplicate_shared)
         if isinstance(result, _Group):
