@@ -351,10 +351,14 @@ def _to_float16(model, prep: _Prepared, opts: RunOptions, report: RunReport, pro
 
     progress("converting to float16")
     batches = [as_numpy_batch(b) for b in prep.batches]
-    values = {k: v.detach().numpy() for k, v in (exact or {}).items()}
-    half, report.float16 = to_float16(
-        ir.serde.serialize_model(model), batches, keep_io_types=not opts.fp16_io, exact=values
-    )
+    proto = ir.serde.serialize_model(model)
+    # float64 tensors from the PyTorch engine, arrays from the ONNX engine; a value the
+    # exporter stored under another name (or folded into a constant) is rounded from float32
+    names = {i.name for i in proto.graph.initializer}
+    values = {
+        k: getattr(v, "numpy", lambda v=v: v)() for k, v in (exact or {}).items() if k in names
+    }
+    half, report.float16 = to_float16(proto, batches, keep_io_types=not opts.fp16_io, exact=values)
     return ir.serde.deserialize_model(half)
 
 
@@ -610,11 +614,12 @@ def _fold_onnx_file(
         _record_float16_file(model, prep, report, progress)
     came_external = has_external_data(model)  # before folds replace external tensors
     progress("folding BatchNormalization nodes")
-    report.fold = fold_onnx_model(model, duplicate_shared=opts.duplicate_shared)
+    exact: dict | None = {} if opts.fp16 else None  # float64 folded values, rounded once
+    report.fold = fold_onnx_model(model, duplicate_shared=opts.duplicate_shared, exact=exact)
     report.warnings += report.fold.warnings
     keep_declared_value_info(model)
     if opts.fp16:
-        model = _to_float16(model, prep, opts, report, progress, None)
+        model = _to_float16(model, prep, opts, report, progress, exact)
     progress("writing the folded ONNX file")
     external = opts.external_data
     if external is None and came_external:

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from benchmarks.half import overflow_net, save_pt2
 from bnexport.cli import main
-from bnexport.folding.torch_engine import fold_program
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -87,19 +86,6 @@ def test_out_of_range_layers_stay_float32_and_are_named(tmp_path):
     assert report["verify"]["passed"] and report["verify"]["max_rel_err"] < 5e-3
 
 
-def test_each_folded_weight_is_rounded_once_from_float64(tmp_path):
-    """The float16 weights in the file are the float64 folded values rounded once."""
-    out = tmp_path / "digits.onnx"
-    result, _ = _fold(MODELS / "digits_cnn.pt2", "-o", out, "--fp16")
-    assert result.exit_code == 0, result.output
-    exact: dict = {}
-    fold_program(torch.export.load(str(MODELS / "digits_cnn.pt2")), exact=exact)
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
-    for name in ("features.0.weight", "features.0.bias", "input_bn.shift"):
-        want = exact[name].numpy().astype(np.float16)
-        assert np.array_equal(inits[name].view(np.uint16), want.view(np.uint16)), name
-
-
 def test_fp16_of_a_half_precision_model_is_refused(tmp_path):
     program = torch.export.load(str(MODELS / "digits_cnn.pt2"))
     half = program.module().half()
@@ -119,3 +105,44 @@ def test_onnx_file_in_float16(tmp_path):
     assert report["onnx"]["batchnorm_nodes"] == 0 and report["verify"]["passed"]
     assert "converted to float16 the same way" in report["verify"]["original_err_of"]
     assert report["verify"]["data_argmax_agreement"] >= 0.995
+
+
+class _TieNet(torch.nn.Module):
+    """A 1x1 conv whose weights are a float16 midpoint (1 + 2**-11) and a BN whose scale is
+    1 + 6.8e-9: the folded weight lies just above the midpoint, so rounding it once (float64 ->
+    float16) gives 1 + 2**-10, while rounding through float32 first lands on the midpoint and
+    then on 1.0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(2)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 + 2**-11)
+            self.bn.running_var.fill_(1.0)
+            self.bn.weight.fill_(float(np.float32(np.sqrt(1 + self.bn.eps))))
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("source", ["pt2", "onnx"])
+def test_a_folded_weight_on_a_float16_tie_is_rounded_once(source, tmp_path):
+    model = _TieNet().eval()
+    w = np.float64(np.float32(1 + 2**-11)) * (
+        np.float64(model.bn.weight[0].item()) / np.sqrt(1.0 + model.bn.eps)
+    )
+    assert np.float16(w) != np.float16(np.float32(w))  # the case this test is about
+    x = torch.randn(2, 1, 4, 4)
+    path = tmp_path / f"tie.{source}"
+    if source == "pt2":
+        dims = ({0: torch.export.Dim.AUTO},)
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dims), str(path))
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=False)
+    out = tmp_path / "tie16.onnx"
+    result, _ = _fold(path, "-o", out, "--fp16")
+    assert result.exit_code == 0, result.output
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    weights = [v for v in inits.values() if v.dtype == np.float16 and v.ndim == 4]
+    assert len(weights) == 1 and np.all(weights[0] == np.float16(w)), weights

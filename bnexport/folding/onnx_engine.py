@@ -85,8 +85,9 @@ class _Fold:
 class _Folder:
     """Decides the BNs one by one (check, then rewire), collecting the weight arithmetic."""
 
-    def __init__(self, g: OnnxGraph, sites: dict, duplicate_shared: bool):
+    def __init__(self, g: OnnxGraph, sites: dict, duplicate_shared: bool, exact: dict | None):
         self.g = g
+        self.exact = exact
         self.sites = sites
         self.duplicate_shared = duplicate_shared
         self.affine = {
@@ -264,8 +265,10 @@ class _Folder:
         folds.affines.append(Affine(first.direction, s, t, first.shift_kept))
         for p in plans:
             if p.shift_kept:
-                u = self._shift(p).numpy().astype(p.layer.weight_array.dtype)
-                rewire_with_add(p, u, g)
+                u64 = self._shift(p).numpy()
+                shift = rewire_with_add(p, u64.astype(p.layer.weight_array.dtype), g)
+                if self.exact is not None:
+                    self.exact[shift.name] = u64.reshape(shift.const_value.shape.dims)
             else:
                 rewire(p, g)
             self.decided[p.bn.node] = FoldDecision(
@@ -363,14 +366,17 @@ def _statistics_warnings(site: BatchNormSite) -> list[str]:
     )
 
 
-def fold_onnx_model(model: ir.Model, *, duplicate_shared: bool = False) -> FoldReport:
+def fold_onnx_model(
+    model: ir.Model, *, duplicate_shared: bool = False, exact: dict | None = None
+) -> FoldReport:
     """Fold every BN of `model` (an onnx_ir model, changed in place) that folds exactly.
 
     Returns the report: each BatchNormalization node folded (into which layer, which way) or
     left, with its reason. A layer called several times folds a BN once when all its calls
     take the same BN; with `duplicate_shared`, calls that take different BNs (or none) get
     their own copies of the weights. Raises InvalidModelError on NaN/Inf or negative
-    variances.
+    variances. `exact`, a dict, receives the float64 value of every initializer the fold
+    writes, by name, before its one cast (for a float16 export that rounds them once).
     """
     g = OnnxGraph(model)
     report = FoldReport()
@@ -381,12 +387,12 @@ def fold_onnx_model(model: ir.Model, *, duplicate_shared: bool = False) -> FoldR
         sites[node] = site
         if isinstance(site, BatchNormSite):
             report.warnings.extend(_statistics_warnings(site))
-    folder = _Folder(g, sites, duplicate_shared)
+    folder = _Folder(g, sites, duplicate_shared, exact)
     for node in bns:
         if node not in folder.decided:  # not already folded with another call of its layer
             folder.decide(node)
     for folds in folder.pending.values():
-        apply_layer(folds, g)
+        apply_layer(folds, g, exact)
     report.decisions.extend(folder.decided[node] for node in bns)
     for node, reason in _nested_batchnorms(model):
         report.decisions.append(

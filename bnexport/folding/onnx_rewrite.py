@@ -59,9 +59,9 @@ def rewire(plan: OnnxFoldPlan, g: OnnxGraph) -> None:
         drop_if_unused(value, g)
 
 
-def rewire_with_add(plan: OnnxFoldPlan, u: np.ndarray, g: OnnxGraph) -> None:
+def rewire_with_add(plan: OnnxFoldPlan, u: np.ndarray, g: OnnxGraph) -> ir.Value:
     """Replace the BN node by Add(x, u), u on axis 1 of x; the Add's output takes the name of
-    the BN's output."""
+    the BN's output. Returns the new initializer holding u."""
     bn = plan.bn.node
     x, y = bn.inputs[0], bn.outputs[0]
     params = list(bn.inputs[1:])
@@ -77,6 +77,7 @@ def rewire_with_add(plan: OnnxFoldPlan, u: np.ndarray, g: OnnxGraph) -> None:
     result.type, result.shape = declared_type or x.type, declared_shape or x.shape
     for value in params:
         drop_if_unused(value, g)
+    return shift
 
 
 def drop_if_unused(value: ir.Value | None, g: OnnxGraph) -> None:
@@ -102,19 +103,23 @@ def drop_if_unused(value: ir.Value | None, g: OnnxGraph) -> None:
         drop_if_unused(v, g)
 
 
-def _store(nodes: list[ir.Node], value: ir.Value, array: np.ndarray, dtype: np.dtype, g: OnnxGraph):
+def _store(
+    nodes: list[ir.Node], value: ir.Value, array: np.ndarray, dtype: np.dtype, g: OnnxGraph
+) -> ir.Value:
     """Give the input `value` of `nodes` the new contents (cast once to `dtype`): in place for
-    an initializer, else (a Constant node's output) as a new initializer that `nodes` read."""
+    an initializer, else (a Constant node's output) as a new initializer that `nodes` read.
+    Returns the initializer written."""
     array = np.ascontiguousarray(array.astype(dtype))
     if value.is_initializer():
         value.const_value = ir.Tensor(array, name=value.name)
         value.shape = ir.Shape(array.shape)
-        return
+        return value
     new = new_initializer(g, value.name, array)
     for use in list(value.uses()):
         if any(use.node is node for node in nodes):
             use.node.replace_input_with(use.idx, new)
     drop_if_unused(value, g)
+    return new
 
 
 def new_initializer(g: OnnxGraph, base: str, array: np.ndarray) -> ir.Value:
@@ -128,8 +133,9 @@ def new_initializer(g: OnnxGraph, base: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def apply_layer(folds: LayerFolds, g: OnnxGraph) -> None:
-    """Fold every affine decided for one weight, in float64; cast weight and bias once."""
+def apply_layer(folds: LayerFolds, g: OnnxGraph, exact: dict | None = None) -> None:
+    """Fold every affine decided for one weight, in float64; cast weight and bias once.
+    `exact`, a dict, receives the float64 values written, by initializer name."""
     layer = folds.layer
     w_dtype = layer.weight_array.dtype
     weight = fm.array_f64(layer.weight_array)
@@ -155,18 +161,24 @@ def apply_layer(folds: LayerFolds, g: OnnxGraph) -> None:
             weight = fm.scale_weight(weight, a.s, layer.layout.in_axis, layer.layout)
             bias = bias + alpha * _as_bias(delta, bias)
     calls = list(folds.calls.values())
-    _store([c.node for c in calls], layer.weight, weight.numpy(), w_dtype, g)
+    written = _store([c.node for c in calls], layer.weight, weight.numpy(), w_dtype, g)
+    if exact is not None:
+        exact[written.name] = weight.numpy()
     if any(not a.shift_kept for a in folds.affines):
-        _write_bias(calls, bias.numpy(), b_dtype, g)
+        written = _write_bias(calls, bias.numpy(), b_dtype, g)
+        if exact is not None:
+            exact[written.name] = bias.numpy()
 
 
 def _as_bias(delta: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return delta if bias.ndim <= 1 else delta.reshape((1,) * (bias.ndim - 1) + (-1,))
 
 
-def _write_bias(calls: list[LayerSite], bias: np.ndarray, dtype: np.dtype, g: OnnxGraph) -> None:
+def _write_bias(
+    calls: list[LayerSite], bias: np.ndarray, dtype: np.dtype, g: OnnxGraph
+) -> ir.Value:
     """Write the folded bias of a weight's calls: into their bias, or as one new bias that
-    every call reads."""
+    every call reads. Returns the initializer written."""
     layer = calls[0]
     if layer.bias is not None and any(c.bias is not layer.bias for c in calls):
         # equal biases, one per call (an exporter's zero bias computed for each call): one
@@ -179,13 +191,13 @@ def _write_bias(calls: list[LayerSite], bias: np.ndarray, dtype: np.dtype, g: On
         if layer.kind == "gemm":
             for c in calls:
                 c.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        return
+        return value
     if layer.bias is not None:
-        _store([c.bias_add or c.node for c in calls], layer.bias, bias, dtype, g)
+        value = _store([c.bias_add or c.node for c in calls], layer.bias, bias, dtype, g)
         if layer.kind == "gemm":
             for c in calls:
                 c.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        return
+        return value
     value = new_initializer(g, f"{layer.weight.name}_bias", bias.astype(dtype))
     if layer.kind in ("conv", "conv_transpose", "gemm"):
         for c in calls:
@@ -194,9 +206,10 @@ def _write_bias(calls: list[LayerSite], bias: np.ndarray, dtype: np.dtype, g: On
             c.node.replace_input_with(2, value)
             if layer.kind == "gemm":
                 c.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        return
+        return value
     for c in calls:  # a MatMul without bias gets an Add after it
         _add_after(c.node, value, g)
+    return value
 
 
 def _add_after(node: ir.Node, value: ir.Value, g: OnnxGraph) -> None:
