@@ -321,19 +321,18 @@ def _record_float16_run(original, prep: _Prepared, report: RunReport, progress) 
 def _record_float16_file(model, prep: _Prepared, report: RunReport, progress) -> None:
     """--fp16 from an ONNX file: the original file converted to float16 the same way, run in
     onnxruntime; its error against the original sets the float16 export's allowance."""
-    import onnxruntime as ort
     from onnxscript import ir
 
     from bnexport.half import to_float16
-    from bnexport.verify import as_numpy_batch
+    from bnexport.verify import OnnxRunner, as_numpy_batch, record_reference
 
     progress("converting the original file to float16")
     try:
         batches = [as_numpy_batch(b) for b in prep.batches]
         half, _ = to_float16(ir.serde.serialize_model(model), batches)
-        session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        prep.half_outputs = [session.run(None, dict(zip(names, b))) for b in batches]
+        # run as the original and the export are: without graph optimizations
+        runner = OnnxRunner(half.SerializeToString(), optimize=False)
+        prep.half_outputs = record_reference(runner, batches)
     except Exception as exc:  # noqa: BLE001 - the plain tolerance applies, with a warning
         report.warnings.append(
             f"the original file could not be converted to float16 ({summarize_exception(exc)}), "

@@ -422,9 +422,11 @@ def compare(
             raise ValueError(f"the ONNX model has {len(got)} outputs but the model has {len(ref)}")
         if checks is None:
             checks = [OutputCheck(n, original_err=0.0 if measured else None) for n in names]
+        # what the errors are measured against, and the half-precision run whose own error
+        # against that sets the allowance: the original against its float32 twin, or the
+        # reference's float16 run against the (float32) reference
         base = ref if twin is None else as_outputs(twin[i]).arrays
-        # the half-precision run whose own error sets the allowance
-        mine = ref if twin is not None else as_outputs(own[i]).arrays if own is not None else ref
+        mine = as_outputs(own[i]).arrays if own is not None else ref
         for check, r, g, b, h in zip(checks, ref, got, base, mine):
             if measured:
                 err_h = _error_and_scale(b, h)[0] if b.shape == h.shape else float("inf")
