@@ -11,30 +11,30 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bnexport.defaults import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
 from bnexport.errors import ExportError, summarize_exception
 from bnexport.files import atomic_file_set, check_writable
+from bnexport.report import FoldReport, OnnxInfo
+from bnexport.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
 
-@dataclass
-class OnnxInfo:
-    """What an ONNX file holds, as read from the file itself."""
-
-    path: str
-    opset: int
-    batchnorm_nodes: int
-    inputs: list[str]
-    outputs: list[str]
-    dynamic_batch: bool
-    external_data: list[str] | None = None  # data files next to `path`, when weights are external
-    batch_size: int | None = None  # the fixed batch of a static-batch file
+def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, object]:
+    """The metadata an exported file carries: the tool version, every BN folded (into which
+    layer, in which direction) and every BN left with its reason."""
+    meta: dict[str, object] = {"bnexport_version": __version__, **extra}
+    if report is not None:
+        meta["bnexport_folded"] = [
+            {"name": d.name, "into": d.into, "direction": d.direction, "shift_kept": d.shift_kept}
+            for d in report.folded
+        ]
+        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
+    return meta
 
 
 def count_batchnorm_nodes(model) -> int:
@@ -234,7 +234,6 @@ def export_onnx(
     """
     import torch
 
-    from bnexport.render import onnx_metadata
     from bnexport.trace import trace
 
     report = getattr(model, "report", None)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 import struct
 import sys
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,8 +28,13 @@ from torch import nn
 
 from bnexport.errors import BadInputError, summarize_exception
 from bnexport.inputs import InputSpec, example_inputs, parse_shape
-from bnexport.load_onnx import ONNX, OnnxReference, load_onnx, npz_shapes, resolve_onnx_specs
-from bnexport.trace import TRAINING_MODE_WARNING, batchnorm_modules, in_training_mode, trace
+from bnexport.load_onnx import load_onnx, npz_shapes, resolve_onnx_specs
+from bnexport.source import (
+    ONNX,
+    Source,
+    program_input_specs,
+)
+from bnexport.trace import TRAINING_MODE_WARNING, in_training_mode
 
 PT2 = "torch.export program"
 STATE_DICT = "state_dict"
@@ -41,156 +44,6 @@ TORCHSCRIPT = "TorchScript archive"
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
-
-
-@dataclass
-class Source:
-    """A loaded checkpoint: an nn.Module (or TorchScript module) or an ExportedProgram.
-
-    `input_specs` are the forward inputs (from the program, or from --input-shape);
-    `reference()` is the eval-mode original as a callable; `to_program()` gives the one
-    torch.export program that the fold and export stages work on.
-    """
-
-    model: nn.Module | torch.export.ExportedProgram
-    format: str
-    path: str
-    input_specs: list[InputSpec] | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def input_names(self) -> list[str]:
-        if isinstance(self.model, torch.export.ExportedProgram):
-            return [s.name for s in program_input_specs(self.model)]
-        return forward_input_names(self.model)
-
-    @property
-    def dynamic_batch(self) -> bool:
-        """False when the checkpoint itself fixes the batch size."""
-        return not any(s.dynamic_batch is False for s in self.input_specs or [] if s.batched)
-
-    @property
-    def is_onnx(self) -> bool:
-        return self.format == ONNX
-
-    def reference(self) -> Callable:
-        """The eval-mode original (an nn.Module is put in eval mode when called); for an ONNX
-        model, onnxruntime on the original file."""
-        if self.is_onnx:
-            return OnnxReference(self.path)
-        if isinstance(self.model, torch.export.ExportedProgram):
-            return self.model.module()
-        return self.model
-
-    def model_dtype(self) -> torch.dtype | None:
-        """float16 or bfloat16 when the model computes in half precision (its floating
-        parameters and buffers are of that type, or, without any, its floating inputs); None
-        for a float32 model and for an ONNX model."""
-        if self.is_onnx:
-            return None
-        if isinstance(self.model, torch.export.ExportedProgram):
-            tensors = [*self.model.state_dict.values(), *self.model.constants.values()]
-        else:
-            tensors = [*self.model.parameters(), *self.model.buffers()]
-        dtypes = [t.dtype for t in tensors if isinstance(t, torch.Tensor)]
-        dtypes = [d for d in dtypes if d.is_floating_point] or [
-            s.dtype for s in self.input_specs or [] if s.dtype.is_floating_point
-        ]
-        half = [d for d in dtypes if d in HALF_DTYPES]
-        return max(set(half), key=half.count) if half else None
-
-    def float32_reference(self) -> Callable:
-        """The eval-mode original's float32 twin (see `float32_twin`)."""
-        return float32_twin(self.reference())
-
-    def batchnorm_modules(self) -> dict[str, str]:
-        """Qualified name -> class name of every BatchNorm module (empty for a program)."""
-        if not isinstance(self.model, nn.Module):
-            return {}
-        return batchnorm_modules(self.model)
-
-    def to_program(
-        self, args: tuple, *, dynamic_batch: bool = True
-    ) -> torch.export.ExportedProgram:
-        """The program to fold: the loaded one, or the module traced once in eval mode.
-
-        A loaded program with a dynamic batch axis is traced again, with a fixed batch, only
-        when a static batch is asked for (--static-batch).
-        """
-        if isinstance(self.model, torch.export.ExportedProgram):
-            recorded = program_input_specs(self.model)
-            if dynamic_batch or not any(s.dynamic_batch for s in recorded):
-                return self.model
-            return trace(self.model.module(), args, dynamic_batch=False)
-        return trace(self.model, args, dynamic_batch=dynamic_batch)
-
-
-LoadedModel = Source  # the name of earlier releases
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def float32_twin(model: nn.Module) -> nn.Module:
-    """A float32 copy of a half-precision module: its parameters, buffers and tensor
-    attributes cast to float32 (exact), and, in a graph module (a program's `.module()`), the
-    float16/bfloat16 dtypes its ops name (casts, tensor factories) replaced by float32. The
-    copy refuses to return a half-precision output, so that it is never taken for a float32
-    reference when some part of the model still computes in half precision."""
-    import copy
-    import warnings
-
-    # a copy: `.float()` converts parameters in place, and a program's `.module()` shares
-    # them with the program
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own, copying a graph module
-        twin = copy.deepcopy(model)
-    twin = twin.float()
-    for module in twin.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
-                setattr(module, name, value.float())
-        if isinstance(module, torch.fx.GraphModule) and _float32_dtypes(module.graph):
-            module.recompile()
-    return _Float32Only(twin)
-
-
-def _as_float32(value):
-    if isinstance(value, torch.dtype) and value in HALF_DTYPES:
-        return torch.float32
-    if isinstance(value, (tuple, list)):
-        return type(value)(_as_float32(v) for v in value)
-    return value
-
-
-def _float32_dtypes(graph) -> bool:
-    """Replace the half-precision dtypes named by the nodes of an fx graph; True if any."""
-    changed = False
-    for node in graph.nodes:
-        args, kwargs = _as_float32(node.args), {k: _as_float32(v) for k, v in node.kwargs.items()}
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs = tuple(args), kwargs
-            changed = True
-    return changed
-
-
-class _Float32Only(nn.Module):
-    """Calls the twin; a half-precision output means the twin is not float32 after all."""
-
-    def __init__(self, twin: nn.Module):
-        super().__init__()
-        self.twin = twin
-
-    def forward(self, *args):
-        from torch.utils import _pytree as pytree
-
-        out = self.twin(*args)
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.dtype in HALF_DTYPES:
-                raise TypeError(
-                    f"the float32 copy of the model still returns {leaf.dtype} (the model "
-                    "casts to half precision itself)"
-                )
-        return out
 
 
 def _fail(message: str) -> BadInputError:
@@ -378,43 +231,6 @@ def _torch_load(path: Path, weights_only: bool):
             f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded "
             f"({summarize_exception(exc, 200)}). Save it again."
         ) from None
-
-
-def forward_input_names(model: nn.Module) -> list[str]:
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [
-        p.name
-        for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
-    ]
-
-
-def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
-    """The user inputs of an exported program with their example shapes (batch first)."""
-    user_inputs = set(program.graph_signature.user_inputs)
-    stored = getattr(program, "example_inputs", None)
-    example = list(stored[0]) if stored else []
-    specs = []
-    placeholders = [
-        n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs
-    ]
-    for i, node in enumerate(placeholders):
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
-        if i < len(example) and isinstance(example[i], torch.Tensor):
-            shape = tuple(example[i].shape)
-        else:
-            shape = tuple(d if isinstance(d, int) else 2 for d in val.shape)
-        dynamic = bool(val.shape) and isinstance(val.shape[0], torch.SymInt)
-        specs.append(InputSpec(node.name, shape, val.dtype, dynamic_batch=dynamic))
-    if any(s.dynamic_batch for s in specs):
-        # beside a dynamic batch, an input whose axis 0 is fixed has no batch axis
-        specs = [s if s.dynamic_batch else replace(s, batched=False) for s in specs]
-    return specs
 
 
 def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> Source:

@@ -15,40 +15,9 @@ import torch
 
 from bnexport.errors import BadInputError, summarize_exception
 from bnexport.inputs import InputSpec, parse_shape
+from bnexport.source import ONNX, Source
 
-ONNX = "ONNX model"
 DECLARED_VALUE_INFO = "bnexport_declared_value_info"
-
-
-class OnnxReference:
-    """onnxruntime on the original ONNX file (no graph optimizations), called like a model;
-    returns the outputs under their graph names. The session is created on first call."""
-
-    def __init__(self, path: str):
-        self.path = str(path)
-        self._runner = None
-
-    def _session(self):
-        if self._runner is None:
-            from bnexport.verify import OnnxRunner
-
-            try:
-                self._runner = OnnxRunner(self.path, optimize=False)
-            except Exception as exc:  # noqa: BLE001 - the user's file cannot run here
-                raise BadInputError(
-                    f"onnxruntime cannot load '{self.path}' ({summarize_exception(exc, 400)}). "
-                    "bnexport verifies every fold in onnxruntime, so the model must run there: "
-                    "an op or domain it names above needs a newer onnxruntime or a custom-op "
-                    "library, or the file is not a valid model."
-                ) from None
-        return self._runner
-
-    def __call__(self, *args):
-        from bnexport.verify import Outputs
-
-        runner = self._session()
-        names = [o.name for o in runner.session.get_outputs()]
-        return Outputs(names, list(runner(*args)))
 
 
 def _dtype(value) -> torch.dtype:
@@ -64,8 +33,6 @@ def _dtype(value) -> torch.dtype:
 def load_onnx(path: Path):
     """Read an ONNX file (weights in external data stay on disk until used) as a Source."""
     import onnx_ir as ir
-
-    from bnexport.load import Source
 
     try:
         # as ir.load does (external data stays on disk), keeping the names of the file's own

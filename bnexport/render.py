@@ -1,211 +1,19 @@
-"""Rendering a run report: JSON, ONNX metadata, and text for people (rich tables on a
-terminal, plain aligned text when piped). The one place that formats numbers and reports."""
+"""Rendering a report for people and files: text (rich tables on a terminal, plain aligned
+text when piped) and the JSON file. Each report gives its own JSON form (`to_dict()`); this
+module only writes it."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from bnexport.version import __version__
+from bnexport.files import write_text_atomic
+from bnexport.formatting import fmt, fmt_bytes, plain_table
+from bnexport.report import RunReport, VerifyResult
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from bnexport.report import FoldDecision, FoldReport, RunReport
-    from bnexport.verify import VerifyResult
-
-
-def fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def fmt_bytes(n: int) -> str:
-    """1536 -> '1.5 KB'."""
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024 or unit == "GB":
-            break
-    return f"{size:.1f} {unit}"
-
-
-# --------------------------------------------------------------------------- data forms
-
-
-def fold_report_dict(report: FoldReport) -> dict[str, Any]:
-    """`total` = folded + len(left) + len(unused); `left` are the BNs the export still runs."""
-    return {
-        "total": report.total,
-        "folded": len(report.folded),
-        "adds_added": report.adds_added,
-        "bytes_added": report.bytes_added,
-        "left": [{"name": d.name, "reason": d.reason} for d in report.left],
-        "unused": [{"name": d.name, "reason": d.reason} for d in report.unused],
-        "layers": [asdict(d) for d in report.decisions],
-        "warnings": list(report.warnings),
-    }
-
-
-def verify_dict(v: VerifyResult) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "passed": v.passed,
-        "max_abs_err": v.max_abs_err,
-        "max_rel_err": v.max_rel_err,
-        "samples": v.samples,
-        "atol": v.atol,
-        "rtol": v.rtol,
-        "batch_sizes": v.batch_sizes,
-        "outputs": [
-            {
-                "name": o.name,
-                "max_abs_err": o.max_abs_err,
-                "max_rel_err": o.max_rel_err,
-                "scale": o.scale,
-                "argmax_agreement": o.argmax_agreement,
-            }
-            for o in v.outputs
-        ],
-    }
-    if v.model_dtype is not None:
-        # a half-precision model: what was run, and what its errors are measured against
-        out["model_dtype"] = v.model_dtype
-        out["verified_file"] = v.verified_file
-        if v.own_error_of is not None:
-            out["original_err_of"] = v.own_error_of
-    if v.reference_dtype is not None:
-        out["reference_dtype"] = v.reference_dtype
-        out["factor"] = v.factor
-        out["original_err"] = v.original_err
-        for entry, o in zip(out["outputs"], v.outputs):
-            entry["original_err"] = o.original_err
-            entry["tolerance"] = v.tolerance(o)
-    if v.accuracy is not None:
-        out["accuracy"] = {
-            "original": v.accuracy.reference,
-            "onnx": v.accuracy.onnx,
-            "n": v.accuracy.n,
-        }
-    if v.data_argmax_agreement is not None:
-        out["data_argmax_agreement"] = v.data_argmax_agreement
-    if v.data is not None:
-        out["data"] = {"path": v.data, "samples": v.data_size}
-    return out
-
-
-def run_report_dict(report: RunReport) -> dict[str, Any]:
-    """The JSON report (keys documented in README; new keys are added, never renamed)."""
-    out: dict[str, Any] = {
-        "command": report.command,
-        "model": report.model,
-        "output": report.output,
-        "bnexport_version": __version__,
-        "verdict": report.verdict,
-        "exit_code": report.exit_code,
-    }
-    if report.fold is not None:
-        fold = fold_report_dict(report.fold)
-        fold.pop("warnings")
-        out["batchnorm"] = fold
-    if report.onnx is not None:
-        o = report.onnx
-        out["onnx"] = {
-            "path": o.path,
-            "opset": o.opset,
-            "batchnorm_nodes": o.batchnorm_nodes,
-            "inputs": o.inputs,
-            "outputs": o.outputs,
-            "dynamic_batch": o.dynamic_batch,
-            "external_data": o.external_data,
-        }
-    if report.saved_program is not None:
-        out["saved_program"] = report.saved_program
-    if report.recalibrated is not None:
-        out["recalibrated"] = report.recalibrated
-    if report.float16 is not None:
-        out["float16"] = report.float16.to_dict()
-    verify = verify_dict(report.verify) if report.verify is not None else {"passed": False}
-    if report.verify_error:
-        verify["passed"] = False
-        verify["error"] = report.verify_error
-    verify["reference"] = report.reference
-    out["verify"] = verify
-    out["warnings"] = list(report.warnings)
-    return out
-
-
-def run_report_json(report: RunReport) -> str:
-    return json.dumps(run_report_dict(report), indent=2) + "\n"
-
-
-def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, object]:
-    """ONNX metadata recording the tool version and every fold decision of `report`."""
-    meta: dict[str, object] = {"bnexport_version": __version__, **extra}
-    if report is not None:
-        meta["bnexport_folded"] = [
-            {"name": d.name, "into": d.into, "direction": d.direction, "shift_kept": d.shift_kept}
-            for d in report.folded
-        ]
-        meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
-    return meta
-
-
-# --------------------------------------------------------------------------- text
-
-
-def fold_rows(report: FoldReport) -> list[tuple[str, str, str]]:
-    """(name, outcome, detail) per BN."""
-    return [(d.name, d.status, fold_detail(d)) for d in report.decisions]
-
-
-def fold_detail(d: FoldDecision) -> str:
-    """What happened to one BN, in a sentence fragment."""
-    if not d.folded:
-        return d.reason or ""
-    text = (
-        f"scale folded into {d.into}; shift kept as an Add before it"
-        if d.shift_kept
-        else f"into {d.direction} {d.into}"
-    )
-    if d.bytes_added:
-        text += f" (its own copy of {d.into}'s weights, +{fmt_bytes(d.bytes_added)})"
-    elif d.shared_calls > 1:
-        text += f" (weights shared by {d.shared_calls} calls, folded once)"
-    return text
-
-
-def fold_summary(report: FoldReport) -> str:
-    """One line, counting exactly what the JSON counts."""
-    line = (
-        f"BatchNorm: {report.called} before, {len(report.left)} after ({len(report.folded)} folded)"
-    )
-    if report.adds_added:
-        plural = "s" if report.adds_added != 1 else ""
-        line += f"; {report.adds_added} shift{plural} kept as Add node{plural}"
-    if report.bytes_added:
-        line += f"; {fmt_bytes(report.bytes_added)} of weight copies added"
-    if report.unused:
-        line += f"; {len(report.unused)} never called by forward"
-    return line
-
-
-def _plain_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header, *rows]:
-        cells = [f"{str(c):<{w}}" for c, w in zip(row, widths)] + [str(row[-1])]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def fold_report_text(report: FoldReport) -> str:
-    lines = [_plain_table(("BatchNorm", "outcome", "detail"), fold_rows(report))]
-    lines.append(fold_summary(report))
-    lines += [f"warning: {w}" for w in report.warnings]
-    return "\n".join(lines)
 
 
 def _verify_rows(v: VerifyResult) -> list[tuple[str, ...]]:
@@ -263,7 +71,7 @@ def tolerance_line(v: VerifyResult) -> str | None:
 def _table(console: Console, title: str, header: tuple[str, ...], rows, *, fold_wide=False):
     if not console.is_terminal:
         console.print(title, markup=False)
-        console.print(_plain_table(header, rows), markup=False)
+        console.print(plain_table(header, rows), markup=False)
         return
     from rich.table import Table
 
@@ -289,10 +97,10 @@ def render_run(report: RunReport, console: Console) -> None:
             console,
             f"BatchNorm layers of {report.model}",
             ("BatchNorm", "outcome", "detail"),
-            fold_rows(report.fold),
+            report.fold.rows(),
             fold_wide=True,
         )
-        console.print(fold_summary(report.fold), markup=False)
+        console.print(report.fold.summary(), markup=False)
     for warning in report.warnings:
         console.print(f"warning: {warning}", markup=False)
     if report.onnx is not None:
@@ -364,58 +172,17 @@ def float16_lines(half) -> list[str]:
     return lines
 
 
-def report_dict(report) -> dict[str, Any]:
-    """The JSON form of any command's report (fold/verify, inspect, recalibrate)."""
-    from bnexport.report import RunReport
-    from bnexport.stats.inspect import InspectReport
-
-    if isinstance(report, RunReport):
-        return run_report_dict(report)
-    if isinstance(report, InspectReport):
-        return inspect_dict(report)
-    return recalibrate_dict(report)
+def report_json(report) -> str:
+    """Any command's report (fold/verify, inspect, recalibrate) as JSON text."""
+    return json.dumps(report.to_dict(), indent=2) + "\n"
 
 
 def write_json(report, path: str | Path) -> None:
     """Write any command's JSON report atomically."""
-    from bnexport.files import write_text_atomic
-
-    write_text_atomic(Path(path), json.dumps(report_dict(report), indent=2) + "\n")
+    write_text_atomic(Path(path), report_json(report))
 
 
 # --------------------------------------------------------------------------- inspect
-
-
-def inspect_dict(report) -> dict[str, Any]:
-    """The `inspect` JSON report (drift keys only when data was given)."""
-    layers = []
-    for b in report.batchnorm:
-        entry: dict[str, Any] = {
-            "name": b.name,
-            "kind": b.kind,
-            "channels": b.channels,
-            "flags": list(b.flags),
-            "notes": list(b.notes),
-            "summary": b.summary,
-            "fold": b.fold,
-        }
-        if report.data is not None:
-            entry["mean_shift"] = b.mean_shift
-            entry["var_ratio"] = b.var_ratio
-        layers.append(entry)
-    out: dict[str, Any] = {
-        "command": "inspect",
-        "model": report.model,
-        "bnexport_version": __version__,
-        "batchnorm": layers,
-        "verdict": report.verdict,
-        "stale": [b.name for b in report.stale],
-        "warnings": list(report.warnings),
-        "exit_code": report.exit_code,
-    }
-    if report.data is not None:
-        out["data"] = {"path": report.data, "samples": report.data_size}
-    return out
 
 
 def _fold_cell(fold: dict) -> str:
@@ -456,24 +223,6 @@ def render_inspect(report, console: Console) -> None:
 
 
 # --------------------------------------------------------------------------- recalibrate
-
-
-def recalibrate_dict(report) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "command": "recalibrate",
-        "model": report.model,
-        "output": report.output,
-        "bnexport_version": __version__,
-        "samples": report.samples,
-        "batches": report.batches,
-        "batchnorm": report.layers,
-        "left": report.left,
-        "warnings": list(report.warnings or []),
-        "exit_code": report.exit_code,
-    }
-    if report.accuracy_before is not None:
-        out["accuracy"] = {"before": report.accuracy_before, "after": report.accuracy_after}
-    return out
 
 
 def render_recalibrate(report, console: Console) -> None:

@@ -1,23 +1,32 @@
 """The run report: plain data with one verdict, which decides the exit code.
 
+Every result a run produces is a type here: each BN's fold decision, the ONNX file written,
+the per-output comparison, and the run that holds them. Their `to_dict()` is the JSON form
+(the keys documented in docs/cli.md; new keys are added, never renamed); `bnexport.render`
+turns them into text and files. This module imports nothing above it.
+
 A BatchNorm has one of three fates: `folded` into a neighbour, `left` in the exported graph
 (with a reason), or `unused` (forward never calls it, so it is not in the exported graph).
 A fold into a following zero-padded conv folds the scale only and keeps the shift as an Add
 before the conv (`shift_kept`): the BN is gone, an Add stands in its place.
 `left` means the same thing everywhere: the BNs the exported model still computes.
-Rendering (tables, JSON, ONNX metadata) lives in `bnexport.render`.
+
+Verification: for each output o over all batches, max abs error max|onnx - ref|, its scale
+max|ref|, and max relative error = max abs error / scale. An output passes when
+max abs error <= atol + rtol * scale (+ factor * the half-precision original's own error,
+for a model that computes in float16 or bfloat16; see `bnexport.verify`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from bnexport.errors import EXIT_OK, EXIT_VERIFY_FAILED
-
-if TYPE_CHECKING:
-    from bnexport.export import OnnxInfo
-    from bnexport.verify import VerifyResult
+from bnexport.formatting import fmt_bytes, plain_table
+from bnexport.version import __version__
 
 FOLDED = "folded"
 LEFT = "left"
@@ -53,6 +62,22 @@ class FoldDecision:
     @property
     def folded(self) -> bool:
         return self.status == FOLDED
+
+    @property
+    def detail(self) -> str:
+        """What happened to this BN, in a sentence fragment (its reason when left)."""
+        if not self.folded:
+            return self.reason or ""
+        text = (
+            f"scale folded into {self.into}; shift kept as an Add before it"
+            if self.shift_kept
+            else f"into {self.direction} {self.into}"
+        )
+        if self.bytes_added:
+            text += f" (its own copy of {self.into}'s weights, +{fmt_bytes(self.bytes_added)})"
+        elif self.shared_calls > 1:
+            text += f" (weights shared by {self.shared_calls} calls, folded once)"
+        return text
 
 
 @dataclass
@@ -102,20 +127,194 @@ class FoldReport:
                 return d
         raise KeyError(name)
 
-    def to_dict(self) -> dict[str, Any]:
-        from bnexport.render import fold_report_dict
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(name, outcome, detail) per BN."""
+        return [(d.name, d.status, d.detail) for d in self.decisions]
 
-        return fold_report_dict(self)
+    def summary(self) -> str:
+        """One line, counting exactly what the JSON counts."""
+        line = (
+            f"BatchNorm: {self.called} before, {len(self.left)} after ({len(self.folded)} folded)"
+        )
+        if self.adds_added:
+            plural = "s" if self.adds_added != 1 else ""
+            line += f"; {self.adds_added} shift{plural} kept as Add node{plural}"
+        if self.bytes_added:
+            line += f"; {fmt_bytes(self.bytes_added)} of weight copies added"
+        if self.unused:
+            line += f"; {len(self.unused)} never called by forward"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        """`total` = folded + len(left) + len(unused); `left` are the BNs the export still
+        runs."""
+        return {
+            "total": self.total,
+            "folded": len(self.folded),
+            "adds_added": self.adds_added,
+            "bytes_added": self.bytes_added,
+            "left": [{"name": d.name, "reason": d.reason} for d in self.left],
+            "unused": [{"name": d.name, "reason": d.reason} for d in self.unused],
+            "layers": [asdict(d) for d in self.decisions],
+            "warnings": list(self.warnings),
+        }
 
     def to_json(self, indent: int = 2) -> str:
-        import json
-
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        from bnexport.render import fold_report_text
+        lines = [plain_table(("BatchNorm", "outcome", "detail"), self.rows()), self.summary()]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
 
-        return fold_report_text(self)
+
+@dataclass
+class OnnxInfo:
+    """What an ONNX file holds, as read from the file itself."""
+
+    path: str
+    opset: int
+    batchnorm_nodes: int
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_batch: bool
+    external_data: list[str] | None = None  # data files next to `path`, when weights are external
+    batch_size: int | None = None  # the fixed batch of a static-batch file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "opset": self.opset,
+            "batchnorm_nodes": self.batchnorm_nodes,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "dynamic_batch": self.dynamic_batch,
+            "external_data": self.external_data,
+        }
+
+
+@dataclass
+class OutputCheck:
+    """One output's errors over every batch compared."""
+
+    name: str
+    max_abs_err: float = 0.0
+    scale: float = 0.0
+    argmax_agree: int = 0
+    argmax_total: int = 0
+    original_err: float | None = None  # the half-precision original against its float32 twin
+
+    @property
+    def max_rel_err(self) -> float:
+        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
+
+    @property
+    def argmax_agreement(self) -> float | None:
+        return self.argmax_agree / self.argmax_total if self.argmax_total else None
+
+
+@dataclass
+class Accuracy:
+    reference: float
+    onnx: float
+    n: int
+
+
+@dataclass
+class VerifyResult:
+    """The comparison of an ONNX file with its reference, per output, and its verdict."""
+
+    outputs: list[OutputCheck]
+    samples: int
+    atol: float
+    rtol: float
+    batch_sizes: list[int] = field(default_factory=list)
+    accuracy: Accuracy | None = None
+    data_argmax_agreement: float | None = None
+    data: str | None = None
+    data_size: int = 0
+    # a half-precision model measured against its float32 twin (all None for float32 models)
+    factor: float | None = None  # the allowance per unit of the original's own error
+    model_dtype: str | None = None  # "float16" or "bfloat16"
+    reference_dtype: str | None = None  # "float32": the twin the errors are measured against
+    verified_file: str | None = None  # "ONNX file", or "float32 twin" when it could not run
+    # a float16 export of a float32 model: whose own float16 error sets the allowance
+    own_error_of: str | None = None
+    # and the allowance per unit of scale where that own float16 run overflows
+    fallback_rtol: float | None = None
+
+    def tolerance(self, o: OutputCheck) -> float:
+        """The largest error output `o` may have."""
+        tol = self.atol + self.rtol * o.scale
+        if self.factor is not None and o.original_err is not None:
+            if math.isfinite(o.original_err):
+                tol += self.factor * o.original_err
+            elif self.fallback_rtol is not None:
+                tol += self.fallback_rtol * o.scale
+        return tol
+
+    @property
+    def passed(self) -> bool:
+        return all(o.max_abs_err <= self.tolerance(o) for o in self.outputs)
+
+    @property
+    def original_err(self) -> float | None:
+        """The largest error of the original against the float32 twin (None without one)."""
+        errs = [o.original_err for o in self.outputs if o.original_err is not None]
+        return max(errs) if errs else None
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((o.max_abs_err for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((o.max_rel_err for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "passed": self.passed,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "samples": self.samples,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "batch_sizes": self.batch_sizes,
+            "outputs": [
+                {
+                    "name": o.name,
+                    "max_abs_err": o.max_abs_err,
+                    "max_rel_err": o.max_rel_err,
+                    "scale": o.scale,
+                    "argmax_agreement": o.argmax_agreement,
+                }
+                for o in self.outputs
+            ],
+        }
+        if self.model_dtype is not None:
+            # a half-precision model: what was run, and what its errors are measured against
+            out["model_dtype"] = self.model_dtype
+            out["verified_file"] = self.verified_file
+            if self.own_error_of is not None:
+                out["original_err_of"] = self.own_error_of
+        if self.reference_dtype is not None:
+            out["reference_dtype"] = self.reference_dtype
+            out["factor"] = self.factor
+            out["original_err"] = self.original_err
+            for entry, o in zip(out["outputs"], self.outputs):
+                entry["original_err"] = o.original_err
+                entry["tolerance"] = self.tolerance(o)
+        if self.accuracy is not None:
+            out["accuracy"] = {
+                "original": self.accuracy.reference,
+                "onnx": self.accuracy.onnx,
+                "n": self.accuracy.n,
+            }
+        if self.data_argmax_agreement is not None:
+            out["data_argmax_agreement"] = self.data_argmax_agreement
+        if self.data is not None:
+            out["data"] = {"path": self.data, "samples": self.data_size}
+        return out
 
 
 @dataclass
@@ -152,3 +351,34 @@ class RunReport:
     @property
     def exit_code(self) -> int:
         return EXIT_OK if self.passed else EXIT_VERIFY_FAILED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report of `fold` and `verify`."""
+        out: dict[str, Any] = {
+            "command": self.command,
+            "model": self.model,
+            "output": self.output,
+            "bnexport_version": __version__,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+        }
+        if self.fold is not None:
+            fold = self.fold.to_dict()
+            fold.pop("warnings")
+            out["batchnorm"] = fold
+        if self.onnx is not None:
+            out["onnx"] = self.onnx.to_dict()
+        if self.saved_program is not None:
+            out["saved_program"] = self.saved_program
+        if self.recalibrated is not None:
+            out["recalibrated"] = self.recalibrated
+        if self.float16 is not None:
+            out["float16"] = self.float16.to_dict()
+        verify = self.verify.to_dict() if self.verify is not None else {"passed": False}
+        if self.verify_error:
+            verify["passed"] = False
+            verify["error"] = self.verify_error
+        verify["reference"] = self.reference
+        out["verify"] = verify
+        out["warnings"] = list(self.warnings)
+        return out

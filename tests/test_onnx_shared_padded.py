@@ -16,7 +16,7 @@ from torch import nn
 
 from bnexport.folding.math import zero_scale_channels
 from bnexport.folding.shared import DUPLICATE_FLAG, shared_refusal, zero_scale_refusal
-from bnexport.render import fmt_bytes
+from bnexport.formatting import fmt_bytes
 from tests.onnx_builders import GraphBuilder, bn_count, fold_proto, max_rel_diff, run
 
 EPS = 1e-5

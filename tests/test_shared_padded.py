@@ -9,7 +9,7 @@ from torch import nn
 from bnexport import fold
 from bnexport.folding.math import bn_scale_shift
 from bnexport.folding.sites import match_batchnorm
-from bnexport.render import fmt_bytes
+from bnexport.formatting import fmt_bytes
 from tests.nets import randomize_bn
 
 

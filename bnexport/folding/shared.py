@@ -8,7 +8,7 @@ which adds their size to the file; without it the BN is left with a reason namin
 
 from __future__ import annotations
 
-from bnexport.render import fmt_bytes
+from bnexport.formatting import fmt_bytes
 
 DUPLICATE_FLAG = "--duplicate-shared"
 

@@ -459,7 +459,9 @@ def _decide(
     return refusals
 
 
-def _unique_names(calls: list[BatchNormCall]) -> list[str]:
+def call_names(calls: list[BatchNormCall]) -> list[str]:
+    """Each call's name for the report: its module path, then `NAME (call k)` for the k-th
+    call of a module called more than once."""
     seen: dict[str, int] = {}
     names = []
     for call in calls:
@@ -503,7 +505,7 @@ def fold_program(
     """
     state = ProgramState(program, copy_graph=copy_graph)
     calls = batchnorm_calls(state.graph)
-    names = _unique_names(calls)
+    names = call_names(calls)
     name_of = {c.op_node: n for c, n in zip(calls, names)}
     report = FoldReport()
     for call in calls:

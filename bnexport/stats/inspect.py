@@ -20,6 +20,7 @@ import torch
 from bnexport.folding.checks import FLOAT16_MAX
 from bnexport.folding.math import bn_scale_shift
 from bnexport.stats.population import STATISTICS_BUFFERS
+from bnexport.version import __version__
 
 MEAN_SHIFT_LIMIT = 0.5
 VAR_RATIO_LIMIT = 2.0
@@ -86,6 +87,37 @@ class InspectReport:
             )
         measured = sum(b.mean_shift is not None for b in self.batchnorm)
         return f"the statistics fit the data ({measured} BNs compared)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `inspect` JSON report (drift keys only when data was given)."""
+        layers = []
+        for b in self.batchnorm:
+            entry: dict[str, Any] = {
+                "name": b.name,
+                "kind": b.kind,
+                "channels": b.channels,
+                "flags": list(b.flags),
+                "notes": list(b.notes),
+                "summary": b.summary,
+                "fold": b.fold,
+            }
+            if self.data is not None:
+                entry["mean_shift"] = b.mean_shift
+                entry["var_ratio"] = b.var_ratio
+            layers.append(entry)
+        out: dict[str, Any] = {
+            "command": "inspect",
+            "model": self.model,
+            "bnexport_version": __version__,
+            "batchnorm": layers,
+            "verdict": self.verdict,
+            "stale": [b.name for b in self.stale],
+            "warnings": list(self.warnings),
+            "exit_code": self.exit_code,
+        }
+        if self.data is not None:
+            out["data"] = {"path": self.data, "samples": self.data_size}
+        return out
 
 
 def _summary(t: torch.Tensor | None) -> dict[str, float] | None:
@@ -168,7 +200,7 @@ def inspect_program(
     from bnexport.errors import BadInputError, InvalidModelError
     from bnexport.folding.checks import num_batches_tracked
     from bnexport.folding.program_state import ProgramState
-    from bnexport.folding.torch_engine import _unique_names, batchnorm_calls, fold_program
+    from bnexport.folding.torch_engine import batchnorm_calls, call_names, fold_program
     from bnexport.report import FoldReport
     from bnexport.stats.population import input_moments
 
@@ -190,7 +222,7 @@ def inspect_program(
         return None if node is None else state.tensor(node)
 
     entries = []
-    for call, name in zip(calls, _unique_names(calls)):
+    for call, name in zip(calls, call_names(calls)):
         mean, var = tensor(call.running_mean), tensor(call.running_var)
         weight, bias = tensor(call.weight), tensor(call.bias)
         tracked = num_batches_tracked(state, call) if mean is not None else None

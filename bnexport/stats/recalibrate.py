@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
 
 from bnexport.folding.sites import match_batchnorm
+from bnexport.outputs import as_outputs
 from bnexport.stats.population import ChannelMoments
+from bnexport.version import __version__
 
 
 @dataclass
@@ -118,6 +121,24 @@ class RecalibrateReport:
     warnings: list[str] | None = None
     exit_code: int = 0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The `recalibrate` JSON report."""
+        out: dict[str, Any] = {
+            "command": "recalibrate",
+            "model": self.model,
+            "output": self.output,
+            "bnexport_version": __version__,
+            "samples": self.samples,
+            "batches": self.batches,
+            "batchnorm": self.layers,
+            "left": self.left,
+            "warnings": list(self.warnings or []),
+            "exit_code": self.exit_code,
+        }
+        if self.accuracy_before is not None:
+            out["accuracy"] = {"before": self.accuracy_before, "after": self.accuracy_after}
+        return out
+
 
 def accuracy(module, chunks: Sequence[tuple], labels) -> float | None:
     """Argmax accuracy of the module's first output over the chunks, or None without labels."""
@@ -126,8 +147,6 @@ def accuracy(module, chunks: Sequence[tuple], labels) -> float | None:
     correct = seen = 0
     with torch.no_grad():
         for chunk in chunks:
-            from bnexport.verify import as_outputs
-
             arrays = as_outputs(module(*chunk)).arrays
             if not arrays or arrays[0].ndim != 2:
                 return None

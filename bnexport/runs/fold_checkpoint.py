@@ -1,0 +1,107 @@
+"""Folding a PyTorch checkpoint: trace once, (recalibrate,) record the reference, fold the
+program in place, export it, (convert to float16,) write the ONNX file.
+
+The reference outputs are recorded from the eval-mode original before the fold, so the fold
+can rewrite the one traced program in place and the original need not stay in memory; for a
+large model each stage's leftovers are freed before the next stage allocates.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+from pathlib import Path
+
+from bnexport.export import onnx_metadata, release_weights, save_onnx_model, to_onnx_program
+from bnexport.folding.torch_engine import fold_program
+from bnexport.inputs import example_inputs
+from bnexport.report import RunReport
+from bnexport.runs.float16 import convert_to_float16, record_float16_run
+from bnexport.runs.options import Progress, RunOptions
+from bnexport.runs.prepare import Prepared
+from bnexport.runs.recalibration import recalibrate_before_fold
+from bnexport.runs.reference import record, record_float32_twin
+from bnexport.runs.saving import save_program
+from bnexport.source import float32_twin
+
+# Above this many bytes of weights, each stage's leftovers are garbage-collected before the next
+# stage allocates (graphs hold reference cycles, so the weights would otherwise linger); below
+# it the collection costs more time than the memory is worth.
+COLLECT_ABOVE_BYTES = 256 * 2**20
+
+
+def fold_checkpoint(
+    prep: Prepared, opts: RunOptions, output: Path, report: RunReport, progress: Progress
+) -> list:
+    """Fold, export and write the checkpoint; returns the recorded reference outputs."""
+    source = prep.source
+    program = source.to_program(
+        example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
+    )
+    original = source.reference()
+    if opts.recalibrate is not None:
+        original = recalibrate_before_fold(program, prep, opts, report, progress)
+    progress("running the original model")
+    reference = record(original, prep.batches)
+    record_float32_twin(functools.partial(float32_twin, original), prep, opts, report, progress)
+    if opts.fp16:
+        record_float16_run(original, prep, report, progress)
+    del original
+    module_names = source.batchnorm_modules()
+    # From here on the traced program is all this run holds of the model.
+    prep.source = source = None
+    large = _weight_bytes(program) > COLLECT_ABOVE_BYTES
+    _collect(large)
+
+    progress("folding BatchNorm layers")
+    exact: dict | None = {} if opts.fp16 else None  # float64 folded values, rounded once
+    folded, report.fold = fold_program(
+        program,
+        module_names,
+        copy_graph=False,
+        in_place=True,
+        duplicate_shared=opts.duplicate_shared,
+        exact=exact,
+    )
+    del program
+    _collect(large)
+    report.warnings += report.fold.warnings
+
+    progress("exporting to ONNX")
+    onnx_program = to_onnx_program(folded, opset=opts.opset)
+    model = onnx_program.model
+    if opts.fp16:
+        model = convert_to_float16(model, prep, opts, report, progress, exact)
+    save_folded = None
+    if opts.save_folded is not None:
+        # written after onnx.checker accepts the export and before the ONNX file is moved
+        # into place: a run that fails leaves neither
+        report.saved_program = str(opts.save_folded)
+        save_folded = functools.partial(save_program, folded, Path(opts.save_folded))
+    report.onnx = save_onnx_model(
+        model,
+        output,
+        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        external_data=opts.external_data,
+        threshold=opts.external_data_threshold,
+        before_commit=save_folded,
+    )
+    release_weights(onnx_program.model)
+    del model, onnx_program, save_folded, folded
+    _collect(large)
+    if prep.dynamic != (not opts.static_batch):
+        report.warnings.append(
+            f"the checkpoint fixes the batch size to {prep.batches[0][0].shape[0]}; the ONNX "
+            "file keeps that static batch"
+        )
+    return reference
+
+
+def _weight_bytes(program) -> int:
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
+
+
+def _collect(large: bool) -> None:
+    if large:
+        gc.collect()

@@ -1,0 +1,62 @@
+"""`bnexport verify MODEL FILE`: an ONNX file bnexport may not have written, checked against
+the model it came from; only the JSON report is written."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+from bnexport.errors import BadInputError, summarize_exception
+from bnexport.export import describe_onnx
+from bnexport.inputs import verification_batches
+from bnexport.render import write_json
+from bnexport.report import RunReport
+from bnexport.runs.check import verify_output
+from bnexport.runs.options import Progress, RunOptions, check_outputs, quiet
+from bnexport.runs.prepare import ONNX_REFERENCE, Prepared, prepare
+from bnexport.runs.reference import onnx_twin, record, record_float32_twin
+
+
+def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) -> RunReport:
+    """Verify an existing ONNX file against the original model; write only the JSON report."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInputError(f"The ONNX file '{onnx_path}' does not exist or is not a file.")
+    check_outputs([opts.json_path], [Path(opts.model), onnx_path])
+    try:
+        info = describe_onnx(onnx_path)
+    except Exception as exc:  # noqa: BLE001
+        raise BadInputError(
+            f"'{onnx_path}' is not a readable ONNX model ({summarize_exception(exc)})."
+        ) from None
+    prep = prepare(opts, progress)
+    _follow_static_batch(prep, info, opts)
+    info.dynamic_batch = info.dynamic_batch and prep.dynamic
+    progress("running the original model")
+    reference = record(prep.source.reference(), prep.batches)
+    report = RunReport(
+        "verify", str(opts.model), str(onnx_path), onnx=info, warnings=list(prep.source.warnings)
+    )
+    if prep.onnx_in:
+        report.reference = ONNX_REFERENCE
+        twin = functools.partial(onnx_twin, prep.source.path)
+    else:
+        twin = prep.source.float32_reference
+    record_float32_twin(twin, prep, opts, report, progress)
+    verify_output(reference, onnx_path, prep, opts, report, progress)
+    if opts.json_path is not None:
+        write_json(report, opts.json_path)
+    return report
+
+
+def _follow_static_batch(prep: Prepared, info, opts: RunOptions) -> None:
+    """A file with a fixed batch is run at that batch only."""
+    if info.dynamic_batch:
+        return
+    prep.dynamic = False
+    if info.batch_size and not opts.input_shapes:
+        prep.specs = [replace(s, shape=s.with_batch(info.batch_size)) for s in prep.specs]
+    prep.batches = verification_batches(
+        prep.specs, dynamic=False, samples=opts.samples, dataset=prep.dataset
+    )
