@@ -25,6 +25,16 @@ HALF_ERROR_FACTOR = {"float16": 3.0, "bfloat16": 2.0}
 # epsilons (2**-11) of each output's scale instead: 8 x 2**-11 = 3.9e-3.
 FLOAT16_FALLBACK_RTOL = 8 * 2.0**-11
 
+# Every folded layer is also checked where it is (bnexport.layer_check): the export's tensor
+# there, computed from the original's own values just upstream, may differ from the
+# original's by LAYER_RTOL x the channel's scale (max |value| over the samples; at least
+# LAYER_SCALE_FLOOR x the largest channel's scale) + DEFAULT_ATOL: a few float32 roundings
+# of one layer.
+LAYER_RTOL = 1e-4
+LAYER_SCALE_FLOOR = 1e-2
+# The original's tensors kept for that check: batch by batch while they fit in this many bytes.
+LAYER_CHECK_BYTES = 256 * 2**20
+
 # Verification batch sizes: a dynamic-batch export runs at both (two sizes, neither the traced
 # batch of 2, prove the batch axis is dynamic); the data set runs in batches of DATA_BATCH.
 SMALL_BATCH = 1

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from bnexport.defaults import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
 from bnexport.errors import ExportError, summarize_exception
 from bnexport.files import atomic_file_set, check_writable
-from bnexport.report import FoldReport, OnnxInfo
+from bnexport.report import FOLDED, CheckPoint, FoldDecision, FoldReport, OnnxInfo
 from bnexport.version import __version__
 
 if TYPE_CHECKING:
@@ -30,11 +30,55 @@ def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, objec
     meta: dict[str, object] = {"bnexport_version": __version__, **extra}
     if report is not None:
         meta["bnexport_folded"] = [
-            {"name": d.name, "into": d.into, "direction": d.direction, "shift_kept": d.shift_kept}
+            {
+                "name": d.name,
+                "into": d.into,
+                "direction": d.direction,
+                "shift_kept": d.shift_kept,
+                **({"check": d.check.to_dict()} if d.check is not None else {}),
+            }
             for d in report.folded
         ]
         meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
+        if report.aliases or report.changed:
+            meta["bnexport_names"] = {
+                "aliases": dict(report.aliases),
+                "changed": sorted(report.changed),
+            }
     return meta
+
+
+def recorded_folds(path: str | Path) -> FoldReport | None:
+    """The folds an ONNX file written by bnexport records in its metadata (where each is
+    checked, what its tensor names mean), or None for a file without them."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "bnexport_folded" not in meta:
+        return None
+    try:
+        folded = json.loads(meta["bnexport_folded"])
+        names = json.loads(meta.get("bnexport_names", "{}"))
+        report = FoldReport(
+            aliases=dict(names.get("aliases", {})), changed=set(names.get("changed", []))
+        )
+        for entry in folded:
+            check = entry.get("check")
+            report.decisions.append(
+                FoldDecision(
+                    name=entry["name"],
+                    kind="",
+                    status=FOLDED,
+                    into=entry.get("into"),
+                    direction=entry.get("direction"),
+                    shift_kept=bool(entry.get("shift_kept")),
+                    check=None if check is None else CheckPoint(**check),
+                )
+            )
+    except (ValueError, KeyError, TypeError):
+        return None  # metadata of another version or edited by hand: mapped by names instead
+    return report
 
 
 def count_batchnorm_nodes(model) -> int:

@@ -142,6 +142,8 @@ def render_run(report: RunReport, console: Console) -> None:
             f"ONNX {v.accuracy.onnx:.2%}; argmax agreement {v.data_argmax_agreement:.2%}",
             markup=False,
         )
+    for line in layer_lines(v):
+        console.print(line, markup=False)
     verdict = "PASS" if v.passed else "FAIL"
     line = tolerance_line(v)
     if line is not None:
@@ -157,6 +159,34 @@ def render_run(report: RunReport, console: Console) -> None:
         f"tolerance {tolerance})",
         markup=False,
     )
+
+
+def layer_lines(v: VerifyResult) -> list[str]:
+    """The per-layer check in a few lines: how many folded layers were compared where they
+    are, the first that diverges (with its worst channel), and those that could not be."""
+    lines = []
+    if v.layers:
+        samples = max(layer.samples for layer in v.layers)
+        failed = [layer for layer in v.layers if not layer.passed]
+        worst = max(v.layers, key=lambda layer: layer.max_rel_err)
+        lines.append(
+            f"layers: {len(v.layers) - len(failed)} of {len(v.layers)} folded layers match the "
+            f"original where they are ({samples} samples; largest error {fmt(worst.max_rel_err)} "
+            f"x channel scale at {worst.name}; tolerance {fmt(v.layer_rtol or 0)} x channel "
+            "scale)"
+        )
+    first = v.first_failed_layer
+    if first is not None:
+        lines.append(
+            f"first diverging layer: {first.name} (with {first.batchnorm} folded in), channel "
+            f"{first.worst_channel}: max abs err {fmt(first.max_abs_err)}, "
+            f"{fmt(first.max_rel_err)} x the channel's scale"
+        )
+    for entry in v.layers_unmapped:
+        lines.append(f"layer not checked: {entry['name']}: {entry['reason']}")
+    if not v.outputs_passed and first is None and v.layers:
+        lines.append("every folded layer matches where it is; the outputs differ downstream")
+    return lines
 
 
 def float16_lines(half) -> list[str]:

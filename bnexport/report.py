@@ -38,6 +38,25 @@ NOT_RUN = "not run"
 
 
 @dataclass
+class CheckPoint:
+    """Where a fold is checked in the exported graph, by tensor names: the export's tensor
+    `export_value`, computed from the nearest tensors upstream that still hold the original's
+    values (fed with those values), must equal the original's tensor `original_value`
+    (channels on `axis`) up to one layer's rounding.
+
+    For a fold into the preceding layer the export's value is what now stands where the BN's
+    output stood; for a fold into the following layer (or a shift kept as an Add) both values
+    are the following layer's output."""
+
+    export_value: str
+    original_value: str
+    axis: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class FoldDecision:
     """What happened to one BatchNorm call site.
 
@@ -58,6 +77,7 @@ class FoldDecision:
     shift_kept: bool = False
     shared_calls: int = 1
     bytes_added: int = 0
+    check: CheckPoint | None = field(default=None, repr=False)  # where the fold is checked
 
     @property
     def folded(self) -> bool:
@@ -82,10 +102,18 @@ class FoldDecision:
 
 @dataclass
 class FoldReport:
-    """Every BatchNorm of a model with its fate, plus model-level warnings."""
+    """Every BatchNorm of a model with its fate, plus model-level warnings.
+
+    `aliases` and `changed` say what the tensor names of the folded graph mean: a name in
+    `aliases` now holds the value the original held under the name it maps to (a layer's
+    output that took over its BN's output); a name in `changed` holds a value the original
+    never computed under that name (a layer's output before the BN it took in). Every other
+    name of the original keeps its value."""
 
     decisions: list[FoldDecision] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict, repr=False)
+    changed: set[str] = field(default_factory=set, repr=False)
 
     @property
     def total(self) -> int:
@@ -155,7 +183,7 @@ class FoldReport:
             "bytes_added": self.bytes_added,
             "left": [{"name": d.name, "reason": d.reason} for d in self.left],
             "unused": [{"name": d.name, "reason": d.reason} for d in self.unused],
-            "layers": [asdict(d) for d in self.decisions],
+            "layers": [_decision_dict(d) for d in self.decisions],
             "warnings": list(self.warnings),
         }
 
@@ -166,6 +194,12 @@ class FoldReport:
         lines = [plain_table(("BatchNorm", "outcome", "detail"), self.rows()), self.summary()]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _decision_dict(d: FoldDecision) -> dict[str, Any]:
+    out = asdict(d)
+    out.pop("check")
+    return out
 
 
 @dataclass
@@ -214,6 +248,24 @@ class OutputCheck:
 
 
 @dataclass
+class LayerCheck:
+    """One folded layer compared where it is (see `CheckPoint`): the largest error over its
+    channels, the channel where the error is largest against that channel's tolerance, and
+    the verdict. `name` is the layer the BN `batchnorm` was folded into."""
+
+    name: str
+    batchnorm: str
+    max_abs_err: float
+    max_rel_err: float
+    worst_channel: int
+    passed: bool
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class Accuracy:
     reference: float
     onnx: float
@@ -242,6 +294,14 @@ class VerifyResult:
     own_error_of: str | None = None
     # and the allowance per unit of scale where that own float16 run overflows
     fallback_rtol: float | None = None
+    # every folded layer compared where it is, in topological order, and the folded BNs
+    # whose place could not be found in the file (with the reason)
+    layers: list[LayerCheck] = field(default_factory=list)
+    layers_unmapped: list[dict[str, str]] = field(default_factory=list)
+    layer_rtol: float | None = None  # the per-layer tolerance, per unit of channel scale
+    # where the random inputs came from, and how many samples they hold
+    random_samples: int = 0
+    random_source: str | None = None
 
     def tolerance(self, o: OutputCheck) -> float:
         """The largest error output `o` may have."""
@@ -254,8 +314,17 @@ class VerifyResult:
         return tol
 
     @property
-    def passed(self) -> bool:
+    def outputs_passed(self) -> bool:
         return all(o.max_abs_err <= self.tolerance(o) for o in self.outputs)
+
+    @property
+    def passed(self) -> bool:
+        return self.outputs_passed and all(layer.passed for layer in self.layers)
+
+    @property
+    def first_failed_layer(self) -> LayerCheck | None:
+        """The first folded layer (in topological order) that diverges."""
+        return next((layer for layer in self.layers if not layer.passed), None)
 
     @property
     def original_err(self) -> float | None:
@@ -314,6 +383,13 @@ class VerifyResult:
             out["data_argmax_agreement"] = self.data_argmax_agreement
         if self.data is not None:
             out["data"] = {"path": self.data, "samples": self.data_size}
+        if self.random_source is not None:
+            out["random"] = {"samples": self.random_samples, "source": self.random_source}
+        out["layers"] = [layer.to_dict() for layer in self.layers]
+        if self.layer_rtol is not None:
+            out["layer_rtol"] = self.layer_rtol
+        if self.layers_unmapped:
+            out["layers_unmapped"] = list(self.layers_unmapped)
         return out
 
 

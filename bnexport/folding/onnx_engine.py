@@ -64,7 +64,7 @@ from bnexport.folding.onnx_rewrite import (
 from bnexport.folding.onnx_sites import BN_OP, BatchNormSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
-from bnexport.report import FOLDED, LEFT, FoldDecision, FoldReport
+from bnexport.report import FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
 
 KIND = "BatchNormalization"
 
@@ -85,8 +85,16 @@ class _Fold:
 class _Folder:
     """Decides the BNs one by one (check, then rewire), collecting the weight arithmetic."""
 
-    def __init__(self, g: OnnxGraph, sites: dict, duplicate_shared: bool, exact: dict | None):
+    def __init__(
+        self,
+        g: OnnxGraph,
+        sites: dict,
+        duplicate_shared: bool,
+        exact: dict | None,
+        report: FoldReport,
+    ):
         self.g = g
+        self.report = report
         self.exact = exact
         self.sites = sites
         self.duplicate_shared = duplicate_shared
@@ -264,6 +272,7 @@ class _Folder:
         s, t = self._mapped(first)
         folds.affines.append(Affine(first.direction, s, t, first.shift_kept))
         for p in plans:
+            check = self._check_point(p)
             if p.shift_kept:
                 u64 = self._shift(p).numpy()
                 shift = rewire_with_add(p, u64.astype(p.layer.weight_array.dtype), g)
@@ -281,8 +290,34 @@ class _Folder:
                 shift_kept=p.shift_kept,
                 shared_calls=len(plans),
                 bytes_added=added if p.bn.node is node else 0,
+                check=check,
             )
         self._plans.clear()
+
+    def _check_point(self, p: OnnxFoldPlan) -> CheckPoint:
+        """Where the fold of `p` is checked, by the graph's value names, recorded before the
+        graph is rewired; notes in the report what the fold makes the names mean."""
+        x, y = p.bn.node.inputs[0], p.bn.node.outputs[0]
+        out = p.layer.output.name
+        if p.direction != PRECEDING:
+            if p.shift_kept:
+                self.report.changed.add(y.name)  # the Add of the shift takes the BN's name
+            return CheckPoint(out, out, p.layer.out_axis)
+        if y.is_graph_output():
+            kept = y.name  # the BN's input takes over the output's name
+        else:
+            kept = x.name
+            self.report.aliases[x.name] = y.name
+        between, value = [], x
+        while value.name != out and value.producer() is not None and len(between) < 64:
+            producer = value.producer()
+            if not producer.inputs or producer.inputs[0] is None:
+                break
+            value = producer.inputs[0]
+            between.append(value.name)
+        if value.name == out:
+            self.report.changed.update(between)
+        return CheckPoint(kept, y.name, 1)
 
     def _copy(self, fold: _Fold) -> tuple[list[OnnxFoldPlan], int]:
         """Give the fold's calls their own copy of the weight and/or bias; return the plans on
@@ -387,7 +422,7 @@ def fold_onnx_model(
         sites[node] = site
         if isinstance(site, BatchNormSite):
             report.warnings.extend(_statistics_warnings(site))
-    folder = _Folder(g, sites, duplicate_shared, exact)
+    folder = _Folder(g, sites, duplicate_shared, exact, report)
     for node in bns:
         if node not in folder.decided:  # not already folded with another call of its layer
             folder.decide(node)

@@ -39,7 +39,7 @@ from bnexport.folding.sites import (
     match_batchnorm,
     match_layer,
 )
-from bnexport.report import FOLDED, LEFT, UNUSED, FoldDecision, FoldReport
+from bnexport.report import FOLDED, LEFT, UNUSED, CheckPoint, FoldDecision, FoldReport
 
 aten = torch.ops.aten
 
@@ -471,6 +471,25 @@ def call_names(calls: list[BatchNormCall]) -> list[str]:
     return names
 
 
+def _check_point(plan: FoldPlan, report: FoldReport) -> CheckPoint:
+    """Where the fold of `plan` is checked (by the graph's node names, which the ONNX export
+    keeps), recorded before the graph is rewired; notes in `report` what the fold makes the
+    names of the graph mean."""
+    layer, bn = plan.layer.node, plan.bn
+    if plan.direction != PRECEDING:
+        return CheckPoint(layer.name, layer.name, plan.layer.out_axis)
+    # the BN's input (the layer's output, or a reshape of it) now stands for the BN's output,
+    # and what lies between the layer and it holds values the original never had
+    report.aliases[bn.input.name] = bn.node.name
+    between, node = [], bn.input
+    while node is not layer and isinstance(node, fx.Node) and node.args and len(between) < 64:
+        node = node.args[0]
+        between.append(getattr(node, "name", ""))
+    if node is layer:
+        report.changed.update(between)
+    return CheckPoint(bn.input.name, bn.node.name, 1)
+
+
 def batchnorm_calls(graph: fx.Graph) -> list[BatchNormCall]:
     """The BatchNorm calls of a graph, in data-flow order."""
     return [c for c in (match_batchnorm(n) for n in graph.nodes) if c is not None]
@@ -525,6 +544,7 @@ def fold_program(
         others = [c for c in calls if c.op_node is not call.op_node and not _folded(c)]
         outcome = _decide(call, state, others, decided, duplicate_shared)
         if isinstance(outcome, _Group):
+            checks = [_check_point(plan, report) for plan in outcome.plans]
             _apply_group(outcome, state, pending, shifts, exact)
             for k, plan in enumerate(outcome.plans):
                 decided[plan.bn.op_node] = FoldDecision(
@@ -537,6 +557,7 @@ def fold_program(
                     shift_kept=plan.shift_kept,
                     shared_calls=outcome.calls,
                     bytes_added=outcome.bytes_added if k == 0 else 0,
+                    check=checks[k],
                 )
         else:
             reason = "; ".join(

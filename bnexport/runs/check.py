@@ -14,7 +14,8 @@ from pathlib import Path
 from bnexport.defaults import FLOAT16_FALLBACK_RTOL, HALF_ERROR_FACTOR
 from bnexport.errors import summarize_exception
 from bnexport.onnx_runtime import OnnxRunner, float32_twin_runner, uses_half_type
-from bnexport.report import RunReport, VerifyResult
+from bnexport.report import FoldReport, RunReport, VerifyResult
+from bnexport.runs.layers import check_layers
 from bnexport.runs.options import Progress, RunOptions
 from bnexport.runs.prepare import Prepared
 from bnexport.verify import compare, merge
@@ -30,12 +31,18 @@ def verify_output(
     opts: RunOptions,
     report: RunReport,
     progress: Progress,
+    folds: FoldReport | None = None,
+    unplaced: list | None = None,
 ) -> None:
-    """Fill `report.verify` (or `report.verify_error`) and add the comparison's warnings."""
+    """Fill `report.verify` (or `report.verify_error`) and add the comparison's warnings.
+    Every fold of `folds` (the run's own, by default) is also checked where it is."""
     progress("verifying with onnxruntime")
     optimize = not prep.onnx_in  # an ONNX original ran without graph optimizations
     try:
         result, notes, verified = _compare_file(reference, onnx_path, prep, opts, optimize)
+        progress("checking every folded layer")
+        folds = report.fold if folds is None else folds
+        check_layers(result, Path(onnx_path), folds, prep, opts, optimize, unplaced)
         _describe_precision(result, prep, verified)
         notes += _overflow_notes(result, prep)
         report.verify = result

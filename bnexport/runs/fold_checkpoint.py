@@ -17,6 +17,7 @@ from bnexport.folding.torch_engine import fold_program
 from bnexport.inputs import example_inputs
 from bnexport.report import RunReport
 from bnexport.runs.float16 import convert_to_float16, record_float16_run
+from bnexport.runs.layers import record_layer_values
 from bnexport.runs.options import Progress, RunOptions
 from bnexport.runs.prepare import Prepared
 from bnexport.runs.recalibration import recalibrate_before_fold
@@ -46,6 +47,7 @@ def fold_checkpoint(
     record_float32_twin(functools.partial(float32_twin, original), prep, opts, report, progress)
     if opts.fp16:
         record_float16_run(original, prep, report, progress)
+    record_layer_values(program, prep, opts)
     del original
     module_names = source.batchnorm_modules()
     # From here on the traced program is all this run holds of the model.

@@ -29,6 +29,8 @@ class Prepared:
     model_dtype: str | None = None  # "float16" / "bfloat16" for a half-precision model
     baseline: list | None = None  # the float32 twin's outputs on every batch
     half_outputs: list | None = None  # --fp16: the model's own outputs computed in float16
+    layer_values: list | None = None  # the original's tensors where folds are checked
+    original_path: str | None = None  # the model's file
 
 
 def prepare(opts: RunOptions, progress: Progress) -> Prepared:
@@ -57,6 +59,7 @@ def prepare(opts: RunOptions, progress: Progress) -> Prepared:
     n_random = samples if dataset is not None else max(samples, 1)
     prep = Prepared(source, specs, dataset, dynamic, batches, n_random, source.is_onnx)
     prep.model_dtype = _model_dtype(source)
+    prep.original_path = str(source.path)
     return prep
 
 

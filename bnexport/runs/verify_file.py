@@ -9,10 +9,11 @@ from pathlib import Path
 
 from bnexport.errors import BadInputError, summarize_exception
 from bnexport.export import describe_onnx
-from bnexport.inputs import verification_batches
+from bnexport.inputs import example_inputs, verification_batches
 from bnexport.render import write_json
 from bnexport.report import RunReport
 from bnexport.runs.check import verify_output
+from bnexport.runs.layers import checks_layers, folds_in_file, record_layer_values
 from bnexport.runs.options import Progress, RunOptions, check_outputs, quiet
 from bnexport.runs.prepare import ONNX_REFERENCE, Prepared, prepare
 from bnexport.runs.reference import onnx_twin, record, record_float32_twin
@@ -33,6 +34,14 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     prep = prepare(opts, progress)
     _follow_static_batch(prep, info, opts)
     info.dynamic_batch = info.dynamic_batch and prep.dynamic
+    program = None
+    if not prep.onnx_in and checks_layers(prep, opts):
+        program = prep.source.to_program(
+            example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
+        )
+        record_layer_values(program, prep, opts)
+    folds, unplaced = folds_in_file(onnx_path, prep, program)
+    del program
     progress("running the original model")
     reference = record(prep.source.reference(), prep.batches)
     report = RunReport(
@@ -44,7 +53,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     else:
         twin = prep.source.float32_reference
     record_float32_twin(twin, prep, opts, report, progress)
-    verify_output(reference, onnx_path, prep, opts, report, progress)
+    verify_output(reference, onnx_path, prep, opts, report, progress, folds, unplaced)
     if opts.json_path is not None:
         write_json(report, opts.json_path)
     return report

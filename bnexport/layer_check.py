@@ -1,0 +1,420 @@
+"""Every folded layer checked where it is, against one layer's rounding.
+
+For each fold the exported file is cut just around it (see `CheckPoint`): the export's
+tensor that stands where the fold is (`export_value`) is computed by onnxruntime from the
+nearest tensors upstream that still hold the original's values, fed with the original's own
+values there, and compared with the original's tensor at that point. Nothing upstream of the
+cut enters the comparison, so a defect that a ReLU, a pooling or an argmax hides downstream
+is seen, and the rounding of a deep network in front of the layer cannot hide one.
+
+Per channel c of the compared tensor, over every position and sample:
+
+    err_c   = max |export - original|,   scale_c = max |original|
+    passes when err_c <= LAYER_RTOL * max(scale_c, LAYER_SCALE_FLOOR * max_c scale_c) + atol
+
+LAYER_RTOL is a few float32 roundings of one layer (see bnexport.defaults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnexport.defaults import DEFAULT_ATOL, LAYER_RTOL, LAYER_SCALE_FLOOR
+from bnexport.errors import summarize_exception
+from bnexport.report import CheckPoint, FoldReport, LayerCheck
+
+
+@dataclass
+class LayerCut:
+    """One fold's piece of the exported file: the ONNX model computing `check.export_value`
+    from `feeds` (a name of the piece -> the original's tensor that feeds it)."""
+
+    decision_name: str
+    layer_name: str
+    check: CheckPoint
+    model: object  # onnx.ModelProto
+    feeds: dict[str, str]
+    original_value: str  # the original's tensor the piece's output must equal
+
+
+def cut_layers(
+    export, report: FoldReport, available: Callable[[str], bool], base_dir: str = "."
+) -> tuple[list[LayerCut], list[dict[str, str]]]:
+    """The piece of the exported ModelProto `export` around every checked fold of `report`,
+    and the folds that could not be cut out (with the reason). `available(name)` tells
+    whether the original's tensor `name` can be had; weights kept in external data are read
+    from `base_dir` for the pieces that need them."""
+    producers = {out: node for node in export.graph.node for out in node.output}
+    initializers = {t.name for t in export.graph.initializer}
+    graph_inputs = {i.name for i in export.graph.input}
+    cuts, unmapped = [], []
+    for d in report.folded:
+        if d.check is None:
+            continue
+        piece = _cut(
+            export, d.check.export_value, producers, initializers, graph_inputs, report, available
+        )
+        if isinstance(piece, str):
+            unmapped.append({"name": d.name, "reason": piece})
+            continue
+        model, feeds = piece
+        _load_external(model, base_dir)
+        # a layer that took in a BN on each side: its output now stands for the later BN's
+        target = report.aliases.get(d.check.export_value, d.check.original_value)
+        if d.check.export_value in report.changed or not available(target):
+            reason = f"the original has no tensor equal to {d.check.export_value} of the export"
+            unmapped.append({"name": d.name, "reason": reason})
+            continue
+        cuts.append(LayerCut(d.name, d.into or d.name, d.check, model, feeds, target))
+    return cuts, unmapped
+
+
+def _feed_of(name: str, report: FoldReport, available, graph_inputs: set[str]) -> str | None:
+    """The original's tensor holding the export's value `name`, or None when it has none."""
+    if name in report.aliases:
+        return report.aliases[name]
+    if name in report.changed:
+        return None
+    if name in graph_inputs or available(name):
+        return name
+    return None
+
+
+def _cut(export, output: str, producers, initializers, graph_inputs, report, available):
+    """(ModelProto, feeds) computing `output`, or the reason it cannot be cut out."""
+    import onnx
+
+    if output not in producers:
+        return f"the exported file has no tensor {output}"
+    nodes: dict[int, object] = {}
+    feeds: dict[str, str] = {}
+    needed_initializers: set[str] = set()
+    order = {id(node): i for i, node in enumerate(export.graph.node)}
+    stack = [producers[output]]
+    while stack:
+        node = stack.pop()
+        if id(node) in nodes:
+            continue
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
+            return f"{node.name or node.op_type} holds a subgraph"
+        nodes[id(node)] = node
+        for name in node.input:
+            if not name or name in feeds or name in needed_initializers:
+                continue
+            if name in initializers:
+                needed_initializers.add(name)
+                continue
+            feed = _feed_of(name, report, available, graph_inputs)
+            if feed is not None:
+                feeds[name] = feed
+            elif name in producers:
+                stack.append(producers[name])
+            else:
+                return f"the original's value of {name} is not known"
+        if len(nodes) > 256:
+            return "the layer's inputs lie too far upstream"
+    kept = sorted(nodes.values(), key=lambda n: order[id(n)])
+    types = _value_types(export)
+    graph = onnx.helper.make_graph(
+        kept,
+        "layer",
+        [_value_info(name, types) for name in feeds],
+        [_value_info(output, types)],
+        [t for t in export.graph.initializer if t.name in needed_initializers],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=list(export.opset_import), ir_version=export.ir_version
+    )
+    model.functions.extend(export.functions)
+    return model, feeds
+
+
+def _load_external(model, base_dir: str) -> None:
+    from onnx import external_data_helper
+
+    for tensor in model.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            external_data_helper.load_external_data_for_tensor(tensor, base_dir)
+            tensor.data_location = tensor.DEFAULT
+            del tensor.external_data[:]
+
+
+def _value_types(model) -> dict[str, int]:
+    types = {}
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        if info.type.HasField("tensor_type"):
+            types[info.name] = info.type.tensor_type.elem_type
+    return types
+
+
+def _value_info(name: str, types: dict[str, int]):
+    import onnx
+
+    return onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+
+
+def compare_layers(
+    cuts: list[LayerCut],
+    values: list[dict[str, np.ndarray]],
+    *,
+    optimize: bool,
+    rtol: float = LAYER_RTOL,
+    atol: float = DEFAULT_ATOL,
+) -> tuple[list[LayerCheck], list[dict[str, str]]]:
+    """Run every cut on the original's values of each recorded batch (`values`, one dict of
+    tensors by name per batch) and compare; the cuts that cannot run are returned apart."""
+    from bnexport.onnx_runtime import OnnxRunner
+
+    checks, unrunnable = [], []
+    for cut in cuts:
+        try:
+            runner = OnnxRunner(cut.model.SerializeToString(), optimize=optimize)
+            err = scale = None
+            samples = 0
+            for batch in values:
+                fed = [batch[cut.feeds[name]] for name in runner.input_names]
+                (got,) = runner(*fed)
+                want = batch[cut.original_value]
+                e, s = _channel_errors(want, got, cut.check.axis)
+                err = e if err is None else np.maximum(err, e)
+                scale = s if scale is None else np.maximum(scale, s)
+                samples += int(want.shape[0]) if want.ndim else 1
+        except Exception as exc:  # noqa: BLE001 - reported as a layer that could not be checked
+            unrunnable.append({"name": cut.decision_name, "reason": summarize_exception(exc)})
+            continue
+        if err is None:
+            continue
+        checks.append(_verdict(cut, err, scale, samples, rtol, atol))
+    return checks, unrunnable
+
+
+def _channel_errors(want: np.ndarray, got: np.ndarray, axis: int):
+    """(max |got - want|, max |want|) per channel on `axis`; inf where shapes differ or a
+    value is not finite where the original's is."""
+    if want.shape != got.shape:
+        n = want.shape[axis] if want.ndim > axis else 1
+        return np.full(n, np.inf), np.zeros(n)
+    w, g = want.astype(np.float64), got.astype(np.float64)
+    if w.ndim == 0:
+        w, g = w.reshape(1), g.reshape(1)
+    axis = axis % w.ndim
+    w, g = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(g, axis, 0)
+    g = g.reshape(w.shape)
+    same = (w == g) | (np.isnan(w) & np.isnan(g))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(np.isfinite(w), np.abs(g - w), np.where(same, 0.0, np.inf))
+    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN where the original is finite
+    finite = np.where(np.isfinite(w), np.abs(w), 0.0)
+    return diff.max(axis=1, initial=0.0), finite.max(axis=1, initial=0.0)
+
+
+def _verdict(cut: LayerCut, err, scale, samples: int, rtol: float, atol: float) -> LayerCheck:
+    floor = LAYER_SCALE_FLOOR * float(scale.max(initial=0.0))
+    reference = np.maximum(scale, floor)
+    tolerance = rtol * reference + atol
+    worst = int(np.argmax(err / tolerance))
+    relative = np.where(reference > 0, err / np.where(reference > 0, reference, 1), err)
+    return LayerCheck(
+        name=cut.layer_name,
+        batchnorm=cut.decision_name,
+        max_abs_err=float(err.max(initial=0.0)),
+        max_rel_err=float(relative.max(initial=0.0)),
+        worst_channel=worst,
+        passed=bool((err <= tolerance).all()),
+        samples=samples,
+    )
+
+
+def needed_names(cuts: Iterable[LayerCut]) -> set[str]:
+    """The original's tensors the cuts are fed with or compared to."""
+    names: set[str] = set()
+    for cut in cuts:
+        names.update(cut.feeds.values())
+        names.add(cut.original_value)
+    return names
+
+
+def program_capture_names(program) -> set[str]:
+    """The tensors of a torch.export program that a check may need: the user inputs, every
+    BN call's input and output, and every conv/linear layer's input and output."""
+    from bnexport.folding.program_state import ProgramState
+    from bnexport.folding.sites import match_batchnorm, match_layer
+
+    state = ProgramState(program, copy_graph=False)
+    names = set(program.graph_signature.user_inputs)
+    for node in state.graph.nodes:
+        if node.op != "call_function":
+            continue
+        bn = match_batchnorm(node)
+        if bn is not None:
+            names.update((bn.input.name, bn.node.name))
+            continue
+        layer = match_layer(node, state)
+        if layer is not None:
+            names.add(node.name)
+            if node.args and hasattr(node.args[0], "name"):
+                names.add(node.args[0].name)
+    return names
+
+
+def capture_program_values(
+    program, batches: Iterable[tuple], names: set[str], budget: int
+) -> list[dict[str, np.ndarray]]:
+    """The values of the named tensors of `program` (eval mode, before any fold) on each
+    batch, as numpy, batch by batch while they fit in `budget` bytes (at least one batch)."""
+    import torch
+    from torch import fx
+
+    module = program.module()
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names and isinstance(out, torch.Tensor):
+                value = out.detach()
+                value = value.float() if value.dtype == torch.bfloat16 else value
+                self.found[n.name] = value.numpy().copy()
+            return out
+
+    captured, used = [], 0
+    with torch.inference_mode():
+        for batch in batches:
+            runner = Capture(module)
+            runner.found = {}
+            runner.run(*batch)
+            size = sum(a.nbytes for a in runner.found.values())
+            if captured and used + size > budget:
+                break
+            captured.append(runner.found)
+            used += size
+    return captured
+
+
+def onnx_values(
+    path: str, batches: Iterable[tuple], names: set[str], budget: int
+) -> list[dict[str, np.ndarray]]:
+    """The values of the named tensors of the ONNX file at `path` (and its inputs) on each
+    batch, from onnxruntime without graph optimizations, batch by batch while they fit in
+    `budget` bytes (at least one batch)."""
+    import onnx
+
+    from bnexport.onnx_runtime import OnnxRunner
+    from bnexport.outputs import as_numpy_batch
+
+    model = onnx.load(str(path))
+    types = _value_types(onnx.shape_inference.infer_shapes(model))
+    inputs = [i.name for i in model.graph.input]
+    outputs = {o.name for o in model.graph.output}
+    extra = sorted(n for n in names if n not in outputs and n not in inputs)
+    model.graph.output.extend(_value_info(n, types) for n in extra)
+    runner = OnnxRunner(model.SerializeToString(), optimize=False)
+    del model
+    order = [o.name for o in runner.session.get_outputs()]
+    captured, used = [], 0
+    for batch in batches:
+        found = dict(zip(order, runner(*batch)))
+        found.update(zip(inputs, as_numpy_batch(batch)))
+        found = {n: v for n, v in found.items() if n in names or n in inputs}
+        size = sum(a.nbytes for a in found.values())
+        if captured and used + size > budget:
+            break
+        captured.append(found)
+        used += size
+    return captured
+
+
+def onnx_value_names(path: str) -> set[str]:
+    """Every tensor an ONNX file computes or takes (not its initializers)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        names.update(o for o in node.output if o)
+    return names - {t.name for t in model.graph.initializer}
+
+
+@dataclass
+class BatchNormPoint:
+    """One BN of an original model: its input and output tensors, and whether its input is
+    a conv/linear layer's output (so a fold into that layer would stand in its place)."""
+
+    name: str
+    input: str
+    output: str
+    after_layer: bool
+
+
+def program_batchnorm_points(program) -> list[BatchNormPoint]:
+    """The BN calls of a torch.export program, in data-flow order."""
+    from bnexport.folding.program_state import ProgramState
+    from bnexport.folding.sites import match_layer
+    from bnexport.folding.torch_engine import batchnorm_calls, call_names
+
+    state = ProgramState(program, copy_graph=False)
+    calls = batchnorm_calls(state.graph)
+    return [
+        BatchNormPoint(name, c.input.name, c.node.name, match_layer(c.input, state) is not None)
+        for c, name in zip(calls, call_names(calls))
+    ]
+
+
+def onnx_batchnorm_points(path: str) -> list[BatchNormPoint]:
+    """The BatchNormalization nodes of the main graph of an ONNX file, in order."""
+    import onnx
+
+    from bnexport.folding.onnx_sites import LAYER_OPS
+
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    points = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, y = node.input[0], node.output[0]
+        producer = producers.get(x)
+        layer = producer is not None and producer.op_type in LAYER_OPS
+        points.append(BatchNormPoint(node.name or y, x, y, layer))
+    return points
+
+
+def folds_by_names(
+    points: list[BatchNormPoint], names: set[str]
+) -> tuple[FoldReport, list[dict[str, str]]]:
+    """The folds a file without bnexport's records shows by its tensor names: a BN whose
+    output name is gone while its input (a layer's output) is there was folded into that
+    layer. Returns them, and the BNs that could not be placed (with the reason)."""
+    from bnexport.folding.patterns import PRECEDING
+    from bnexport.report import FOLDED, FoldDecision
+
+    report, unmapped = FoldReport(), []
+    for p in points:
+        if p.output in names:
+            continue  # the BN is still computed: nothing folded here
+        if p.input in names and p.after_layer:
+            report.aliases[p.input] = p.output
+            report.decisions.append(
+                FoldDecision(
+                    name=p.name,
+                    kind="",
+                    status=FOLDED,
+                    into=p.input,
+                    direction=PRECEDING,
+                    check=CheckPoint(p.input, p.output, 1),
+                )
+            )
+            continue
+        unmapped.append(
+            {
+                "name": p.name,
+                "reason": f"the file has neither its output {p.output} nor, after a layer, "
+                f"its input {p.input}",
+            }
+        )
+    return report, unmapped
