@@ -4,7 +4,8 @@ Only click is imported at start-up, so `bnexport --help` and `--version` are ins
 command imports the library (torch, onnx, onnxruntime) when it runs.
 
 Exit codes: 0 exported and verified; 1 exported but verification failed (file kept);
-2 bad usage or bad input (nothing written).
+2 bad usage or bad input (nothing written); 130 interrupted (SIGINT) and 143 terminated
+(SIGTERM), no file of the run left.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from pathlib import Path
 import click
 
 from bnexport.defaults import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, DEFAULT_SAMPLES
-from bnexport.errors import EXIT_BAD_INPUT, BnexportError, summarize_exception
+from bnexport.errors import EXIT_BAD_INPUT, BnexportError, Interrupted, summarize_exception
 from bnexport.version import __version__
 
+INTERRUPTED_HELP = (
+    "130 interrupted (SIGINT, Ctrl-C) or 143 terminated (SIGTERM): no verdict, and no file of "
+    "the run is left, not even an output that was complete but not yet verified."
+)
 EXIT_CODES_HELP = (
     "Exit codes: 0 exported and verified; 1 exported but verification failed (the ONNX file "
-    "is kept and the report says so); 2 bad usage or bad input (nothing written)."
+    "is kept and the report says so); 2 bad usage or bad input (nothing written); "
+    + INTERRUPTED_HELP
 )
 
 
@@ -221,7 +227,9 @@ def verify(model, onnx_file, **kw) -> None:
     _run(lambda runs, progress: runs.run_verify(opts, onnx_file, progress), debug)
 
 
-@main.command(epilog="Exit codes: 0 the inspection ran; 2 bad usage or bad input.")
+@main.command(
+    epilog="Exit codes: 0 the inspection ran; 2 bad usage or bad input; " + INTERRUPTED_HELP
+)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--plot",
@@ -240,7 +248,9 @@ def inspect(model, plot, **kw) -> None:
     _run(lambda runs, progress: runs.run_inspect(opts, plot, progress), debug, render_inspect)
 
 
-@main.command(epilog="Exit codes: 0 recalibrated and written; 2 bad usage or bad input.")
+@main.command(
+    epilog="Exit codes: 0 recalibrated and written; 2 bad usage or bad input; " + INTERRUPTED_HELP
+)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -307,6 +317,7 @@ def _run(job, debug: bool, render=None) -> None:
     from rich.console import Console
 
     from bnexport import runs
+    from bnexport.interrupts import completed, raise_if_interrupted
     from bnexport.render import render_run
 
     render = render or render_run
@@ -320,10 +331,12 @@ def _run(job, debug: bool, render=None) -> None:
             else:
                 report = job(runs, lambda msg: None)
     except BnexportError as exc:
+        raise_if_interrupted()  # an error that a signal caused is the interrupt
         if debug:
             raise
         raise _Failure(str(exc), exc.exit_code) from None
     except Exception as exc:  # noqa: BLE001 - unexpected: one paragraph, traceback with --debug
+        raise_if_interrupted()
         if debug:
             raise
         raise _Failure(
@@ -331,6 +344,7 @@ def _run(job, debug: bool, render=None) -> None:
             "traceback.",
             EXIT_BAD_INPUT,
         ) from None
+    completed()  # the run's files are in place: a signal now changes nothing
     render(report, out)
     raise SystemExit(report.exit_code)
 
@@ -338,21 +352,41 @@ def _run(job, debug: bool, render=None) -> None:
 def entry() -> None:
     """Console entry point: run the command, flush, and end the process at once.
 
+    SIGINT and SIGTERM raise `Interrupted` while the command runs, so that the run removes what
+    it wrote on the way out; the process then ends with 130 or 143 and one line on stderr.
+
     Interpreter teardown after torch, onnx and onnxruntime have been used takes about a second
     and does nothing for the user: every file has been written, closed and renamed by then.
     """
+    from bnexport.interrupts import handling_signals
+
+    with handling_signals():
+        code = _main_exit_code()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _main_exit_code() -> int:
+    """Run the command line; its exit code (an interrupt's printed as one line)."""
+    from bnexport.interrupts import completed
+
     try:
-        main(prog_name="bnexport")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
+        try:
+            main(prog_name="bnexport")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            completed()  # from here on a signal changes nothing
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

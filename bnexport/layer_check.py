@@ -166,31 +166,41 @@ def compare_layers(
     optimize: bool,
     rtol: float = LAYER_RTOL,
     atol: float = DEFAULT_ATOL,
+    floor: list[dict[str, np.ndarray]] | None = None,
+    factor: float = 0.0,
 ) -> tuple[list[LayerCheck], list[dict[str, str]]]:
     """Run every cut on the original's values of each recorded batch (`values`, one dict of
-    tensors by name per batch) and compare; the cuts that cannot run are returned apart."""
+    tensors by name per batch) and compare; the cuts that cannot run are returned apart.
+
+    `floor`: the same tensors from the original computed otherwise (its float64 twin, or
+    its weights moved by one unit in the last place), batch for batch; each channel then
+    also allows `factor` times the original's own difference from them."""
     from bnexport.onnx_runtime import OnnxRunner
 
     checks, unrunnable = [], []
     for cut in cuts:
         try:
             runner = OnnxRunner(cut.model.SerializeToString(), optimize=optimize)
-            err = scale = None
+            err = scale = own = None
             samples = 0
-            for batch in values:
+            for i, batch in enumerate(values):
                 fed = [batch[cut.feeds[name]] for name in runner.input_names]
                 (got,) = runner(*fed)
                 want = batch[cut.original_value]
                 e, s = _channel_errors(want, got, cut.check.axis)
                 err = e if err is None else np.maximum(err, e)
                 scale = s if scale is None else np.maximum(scale, s)
+                if floor is not None and i < len(floor) and cut.original_value in floor[i]:
+                    o, _ = _channel_errors(floor[i][cut.original_value], want, cut.check.axis)
+                    own = o if own is None else np.maximum(own, o)
                 samples += int(want.shape[0]) if want.ndim else 1
         except Exception as exc:  # noqa: BLE001 - reported as a layer that could not be checked
             unrunnable.append({"name": cut.decision_name, "reason": summarize_exception(exc)})
             continue
         if err is None:
             continue
-        checks.append(_verdict(cut, err, scale, samples, rtol, atol))
+        own_allowance = None if own is None else factor * own
+        checks.append(_verdict(cut, err, scale, samples, rtol, atol, own_allowance))
     return checks, unrunnable
 
 
@@ -214,10 +224,14 @@ def _channel_errors(want: np.ndarray, got: np.ndarray, axis: int):
     return diff.max(axis=1, initial=0.0), finite.max(axis=1, initial=0.0)
 
 
-def _verdict(cut: LayerCut, err, scale, samples: int, rtol: float, atol: float) -> LayerCheck:
+def _verdict(
+    cut: LayerCut, err, scale, samples: int, rtol: float, atol: float, own=None
+) -> LayerCheck:
     floor = LAYER_SCALE_FLOOR * float(scale.max(initial=0.0))
     reference = np.maximum(scale, floor)
     tolerance = rtol * reference + atol
+    if own is not None:
+        tolerance = tolerance + np.where(np.isfinite(own), own, 0.0)
     worst = int(np.argmax(err / tolerance))
     relative = np.where(reference > 0, err / np.where(reference > 0, reference, 1), err)
     return LayerCheck(
@@ -268,10 +282,22 @@ def capture_program_values(
 ) -> list[dict[str, np.ndarray]]:
     """The values of the named tensors of `program` (eval mode, before any fold) on each
     batch, as numpy, batch by batch while they fit in `budget` bytes (at least one batch)."""
+    return capture_module_values(program.module(), batches, names, budget)
+
+
+def capture_module_values(
+    module, batches: Iterable[tuple], names: set[str], budget: int, dtype=None
+) -> list[dict[str, np.ndarray]]:
+    """As `capture_program_values`, on a graph module (a program's `.module()`); with
+    `dtype`, floating inputs are cast to it first (a float64 twin's)."""
     import torch
     from torch import fx
 
-    module = program.module()
+    cast = (
+        (lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+        if dtype is not None
+        else (lambda x: x)
+    )
 
     class Capture(fx.Interpreter):
         def run_node(self, n):
@@ -287,7 +313,7 @@ def capture_program_values(
         for batch in batches:
             runner = Capture(module)
             runner.found = {}
-            runner.run(*batch)
+            runner.run(*(cast(x) for x in batch))
             size = sum(a.nbytes for a in runner.found.values())
             if captured and used + size > budget:
                 break
@@ -297,17 +323,20 @@ def capture_program_values(
 
 
 def onnx_values(
-    path: str, batches: Iterable[tuple], names: set[str], budget: int
+    path: str, batches: Iterable[tuple], names: set[str], budget: int, one_ulp: bool = False
 ) -> list[dict[str, np.ndarray]]:
     """The values of the named tensors of the ONNX file at `path` (and its inputs) on each
     batch, from onnxruntime without graph optimizations, batch by batch while they fit in
-    `budget` bytes (at least one batch)."""
+    `budget` bytes (at least one batch). With `one_ulp`, of the file with every weight moved
+    by one unit in the last place (`move_weights_one_ulp`)."""
     import onnx
 
-    from bnexport.onnx_runtime import OnnxRunner
+    from bnexport.onnx_runtime import OnnxRunner, move_weights_one_ulp
     from bnexport.outputs import as_numpy_batch
 
     model = onnx.load(str(path))
+    if one_ulp:
+        move_weights_one_ulp(model)
     types = _value_types(onnx.shape_inference.infer_shapes(model))
     inputs = [i.name for i in model.graph.input]
     outputs = {o.name for o in model.graph.output}
@@ -384,18 +413,27 @@ def onnx_batchnorm_points(path: str) -> list[BatchNormPoint]:
     return points
 
 
+def onnx_batchnorm_inputs(path: str) -> set[str]:
+    """The tensors the BatchNormalization nodes of an ONNX file read as their input."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {n.input[0] for n in model.graph.node if n.op_type == "BatchNormalization"}
+
+
 def folds_by_names(
-    points: list[BatchNormPoint], names: set[str]
+    points: list[BatchNormPoint], names: set[str], normalized: set[str] = frozenset()
 ) -> tuple[FoldReport, list[dict[str, str]]]:
     """The folds a file without bnexport's records shows by its tensor names: a BN whose
-    output name is gone while its input (a layer's output) is there was folded into that
-    layer. Returns them, and the BNs that could not be placed (with the reason)."""
+    output name is gone, and whose input (a layer's output) is there and not normalized by a
+    BatchNormalization of the file (`normalized`), was folded into that layer. Returns them,
+    and the BNs that could not be placed (with the reason)."""
     from bnexport.folding.patterns import PRECEDING
     from bnexport.report import FOLDED, FoldDecision
 
     report, unmapped = FoldReport(), []
     for p in points:
-        if p.output in names:
+        if p.output in names or p.input in normalized:
             continue  # the BN is still computed: nothing folded here
         if p.input in names and p.after_layer:
             report.aliases[p.input] = p.output

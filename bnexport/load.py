@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -92,10 +94,17 @@ def detect_format(path: Path) -> str:
         if any(n.endswith("data.pkl") for n in names):
             return STATE_DICT
         raise _fail(f"'{path}' is a zip archive but not a PyTorch checkpoint.")
-    if len(head) >= 9:
+    if len(head) >= 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+        size = path.stat().st_size
+        if 0 < header_len < size:
             return SAFETENSORS
+        if not _is_text(head[:8]):  # a length, not the first characters of a text
+            raise _fail(
+                f"'{path}' looks like a safetensors file, but its header claims {header_len} "
+                f"bytes and the whole file has {size}: it is truncated or corrupt. Save or "
+                "download the checkpoint again."
+            )
     if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
         return STATE_DICT  # legacy (non-zip) torch.save
     if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":
@@ -110,6 +119,34 @@ def detect_format(path: Path) -> str:
         "(.pt2), a state_dict (.pt/.pth/.safetensors) with --arch, a TorchScript archive, "
         "a pickled nn.Module with --trust-pickle, or an ONNX model (.onnx)."
     )
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a zip-based checkpoint (.pt2, torch.save, TorchScript) whose members do not
+    match the checksums the archive records: torch reads them without checking, so damaged
+    weights would load as numbers."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            damaged = zf.testzip()
+    except Exception as exc:  # noqa: BLE001 - any failure to read a member is damage
+        raise _fail(
+            f"The model file '{path}' is a PyTorch archive that is truncated or corrupt "
+            f"({summarize_exception(exc, 200)}). Save or download the checkpoint again."
+        ) from None
+    if damaged is not None:
+        raise _fail(
+            f"The model file '{path}' is corrupt: its member '{damaged}' does not match the "
+            "checksum the archive records for it, so its contents changed after it was "
+            "saved. Save or download the checkpoint again."
+        )
 
 
 def import_callable(spec: str):
@@ -220,17 +257,57 @@ def _few(items: list[str], n: int = 6) -> str:
     return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
 
 
+class _PickleRefused(Exception):
+    """torch's safe unpickler (weights_only) refused the file; `reason` is its own words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+_WEIGHTS_ONLY_FAILED = "Weights only load failed"
+
+
+def _unpickler_reason(text: str) -> str:
+    """The safe unpickler's own reason, without torch's advice around it: the first sentence
+    after 'WeightsUnpickler error:', or on the first line, or of the first paragraph after
+    torch's preamble."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    first = text.splitlines()[0].removeprefix(_WEIGHTS_ONLY_FAILED).strip(" .") if text else ""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    rest = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")]
+    if found:
+        reason = found.group(1)
+    elif first and not first.startswith(("In PyTorch", "This file")):
+        reason = first
+    else:
+        reason = rest[0] if rest else ""
+    reason = " ".join(reason.split()).split(". ")[0].rstrip(".")
+    return reason[:200]
+
+
 def _torch_load(path: Path, weights_only: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as exc:  # noqa: BLE001 - classified below
-        text = str(exc)
-        if weights_only and "Unsupported global" in text:
-            raise
+    except Exception as exc:  # noqa: BLE001 - a refusal of the safe unpickler, else damage
+        refused = isinstance(exc, pickle.UnpicklingError) and weights_only
+        if refused and str(exc).startswith(_WEIGHTS_ONLY_FAILED):
+            raise _PickleRefused(_unpickler_reason(str(exc))) from None
         raise _fail(
             f"The checkpoint '{path}' is truncated or corrupt and cannot be loaded "
             f"({summarize_exception(exc, 200)}). Save it again."
         ) from None
+
+
+def _pickle_refusal(path: Path, reason: str) -> BadInputError:
+    why = f" ({reason})" if reason else ""
+    return _fail(
+        f"'{path}' is a pickle that the safe loader refuses{why}: loading it in full runs "
+        "arbitrary code from the file, so bnexport does not. If you trust its source, add "
+        "--trust-pickle. The safe formats need no trust: a torch.export program "
+        "(torch.export.save, .pt2), or a state_dict (torch.save(model.state_dict()) or "
+        ".safetensors) with --arch MODULE:CALLABLE."
+    )
 
 
 def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> Source:
@@ -239,6 +316,8 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     fmt = detect_format(path)
     if fmt == ONNX:
         return load_onnx(path)
+    if zipfile.is_zipfile(path):
+        _check_archive(path)
     if fmt == PT2:
         try:
             program = torch.export.load(path)
@@ -271,17 +350,9 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
         return _from_state_dict(state, arch, path, fmt)
     try:
         obj = _torch_load(path, weights_only=True)
-    except BadInputError:
-        raise
-    except Exception:  # weights_only refused a pickled object
+    except _PickleRefused as refused:
         if not trust_pickle:
-            raise _fail(
-                f"'{path}' is a pickled Python object (a whole nn.Module saved with "
-                "torch.save(model)). Unpickling runs arbitrary code from the file, so it is "
-                "refused by default. If you trust its source, add --trust-pickle. Safer: save "
-                "model.state_dict() and pass --arch MODULE:CALLABLE, or save a torch.export "
-                "program with torch.export.save."
-            ) from None
+            raise _pickle_refusal(path, refused.reason) from None
         obj = _load_trusted_pickle(path)
     if isinstance(obj, nn.Module):
         return Source(obj, PICKLED_MODULE, str(path))

@@ -7,6 +7,7 @@ file, so that the comparison tests the graphs themselves and not onnxruntime's o
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from bnexport.errors import BadInputError, summarize_exception
-from bnexport.inputs import InputSpec, parse_shape
+from bnexport.inputs import InputSpec, npz_headers, parse_shape
 from bnexport.source import ONNX, Source
 
 DECLARED_VALUE_INFO = "bnexport_declared_value_info"
@@ -55,12 +56,24 @@ def load_onnx(path: Path):
             f"'{path}' is an ONNX file without a graph (no outputs). It may be truncated or "
             "only a header: export or download the model again."
         )
+    external = [
+        t
+        for v in model.graph.initializers.values()
+        if isinstance(t := v.const_value, ir.ExternalTensor)
+    ]
+    escaping = sorted({t.location for t in external if _escapes_folder(t.location)})
+    if escaping:
+        raise BadInputError(
+            f"The ONNX model '{path}' names external data '{escaping[0]}', which lies outside "
+            "the model's folder. bnexport, like onnxruntime, reads external data only from the "
+            "folder of the .onnx file (or below it), so the file was not read. Keep the .data "
+            "file next to the model and save the model with that relative location."
+        )
     missing = sorted(
         {
             str(Path(t.base_dir) / t.location)
-            for v in model.graph.initializers.values()
-            if isinstance(t := v.const_value, ir.ExternalTensor)
-            and not (Path(t.base_dir) / t.location).is_file()
+            for t in external
+            if not (Path(t.base_dir) / t.location).is_file()
         }
     )
     if missing:
@@ -70,6 +83,13 @@ def load_onnx(path: Path):
             "model records, and try again."
         )
     return Source(model, ONNX, str(path), onnx_input_specs(model))
+
+
+def _escapes_folder(location: str) -> bool:
+    """True when an external data location is absolute or climbs out of the model's folder
+    (judged on the text, as onnxruntime does: a symlink inside the folder stays inside)."""
+    normal = os.path.normpath(location.replace("\\", "/"))
+    return os.path.isabs(normal) or normal == ".." or normal.startswith("../")
 
 
 def onnx_checker_error(path: Path) -> str | None:
@@ -169,11 +189,11 @@ def resolve_onnx_specs(
 
 
 def npz_shapes(path: Path | None) -> dict[str, tuple] | None:
-    """The shapes of the arrays in an .npz file (without reading their data), or None."""
+    """The shapes of the arrays in an .npz file (from their headers: no data is read), or
+    None."""
     if path is None or not Path(path).is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False, mmap_mode="r") as npz:
-            return {k: tuple(npz[k].shape) for k in npz.files}
+        return {name: shape for name, (shape, _) in npz_headers(Path(path)).items()}
     except Exception:  # noqa: BLE001 - load_npz reports an unreadable file later
         return None

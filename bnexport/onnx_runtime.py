@@ -176,6 +176,38 @@ def float32_twin_runner(path, optimize: bool = True) -> OnnxRunner:
         return OnnxRunner(str(twin), optimize=optimize)
 
 
+def move_weights_one_ulp(model, seed: int = 0) -> None:
+    """Move every float32 initializer of more than one element of the ModelProto `model` by
+    one unit in the last place, up or down at random (seeded), in place."""
+    import onnx
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(tensor)
+        if array.size < 2:
+            continue
+        toward = np.where(rng.random(array.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(np.nextafter(array, toward), tensor.name))
+
+
+def one_ulp_twin_runner(path, seed: int = 0, optimize: bool = False) -> OnnxRunner:
+    """onnxruntime on a copy of the ONNX file at `path` whose every float32 weight (an
+    initializer of more than one element) is moved by one unit in the last place, up or down
+    at random (seeded): the file's outputs under one more rounding of each weight, which is
+    what a fold does to the weights it rewrites. Its difference from the file itself measures
+    how much the model's outputs move under float32 rounding."""
+    import onnx
+
+    model = onnx.load(str(path))  # external weights included
+    move_weights_one_ulp(model, seed)
+    if model.ByteSize() > 2**31 - 2**27:
+        raise ValueError("the file is too large to be moved by one unit in memory")
+    return OnnxRunner(model.SerializeToString(), optimize=optimize)
+
+
 class Float32TwinReference:
     """onnxruntime on the float32 twin of an ONNX file (no graph optimizations), called like
     a model; the float32 reference of a float16 ONNX original."""

@@ -39,7 +39,7 @@ def _verify_title(report: RunReport) -> str:
         return f"Verification (onnxruntime vs {report.reference})"
     if v.own_error_of is not None:
         return (
-            f"Verification (the float16 export in onnxruntime vs {report.reference} in "
+            f"Verification (the {v.model_dtype} export in onnxruntime vs {report.reference} in "
             f"float32; allowance from {v.own_error_of})"
         )
     run = "the float32 twin in onnxruntime" if v.verified_file == "float32 twin" else "onnxruntime"
@@ -57,7 +57,7 @@ def tolerance_line(v: VerifyResult) -> str | None:
     which = f"({fmt(own)})" if len(v.outputs) == 1 else f"(at most {fmt(own)}; per output above)"
     if v.own_error_of is not None:
         return (
-            f"tolerance for the float16 export: error <= {v.factor:g} x the error of "
+            f"tolerance for the {v.model_dtype} export: error <= {v.factor:g} x the error of "
             f"{v.own_error_of} {which} + atol {v.atol:g} + rtol {v.rtol:g} x scale, errors "
             "measured against the float32 original"
         )
@@ -132,10 +132,9 @@ def render_run(report: RunReport, console: Console) -> None:
         _VERIFY_HEADER if v.reference_dtype is None else _HALF_HEADER,
         _verify_rows(v),
     )
-    if v.data is not None:
-        console.print(
-            f"verified on {v.data_size} samples from {v.data} and on random inputs", markup=False
-        )
+    line = samples_line(v)
+    if line:
+        console.print(line, markup=False)
     if v.accuracy is not None:
         console.print(
             f"accuracy on {v.accuracy.n} labelled samples: original {v.accuracy.reference:.2%}, "
@@ -161,6 +160,16 @@ def render_run(report: RunReport, console: Console) -> None:
     )
 
 
+def samples_line(v: VerifyResult) -> str | None:
+    """How many samples were compared, and where they came from."""
+    parts = []
+    if v.random_samples:
+        parts.append(f"{v.random_samples} random samples ({v.random_source})")
+    if v.data is not None:
+        parts.append(f"{v.data_size} samples from {v.data}")
+    return f"verified on {' and '.join(parts)}" if parts else None
+
+
 def layer_lines(v: VerifyResult) -> list[str]:
     """The per-layer check in a few lines: how many folded layers were compared where they
     are, the first that diverges (with its worst channel), and those that could not be."""
@@ -173,7 +182,12 @@ def layer_lines(v: VerifyResult) -> list[str]:
             f"layers: {len(v.layers) - len(failed)} of {len(v.layers)} folded layers match the "
             f"original where they are ({samples} samples; largest error {fmt(worst.max_rel_err)} "
             f"x channel scale at {worst.name}; tolerance {fmt(v.layer_rtol or 0)} x channel "
-            "scale)"
+            "scale"
+            + (
+                f" + a multiple of the original's own error against {v.layer_own_error_of})"
+                if v.layer_own_error_of
+                else ")"
+            )
         )
     first = v.first_failed_layer
     if first is not None:

@@ -299,6 +299,8 @@ class VerifyResult:
     layers: list[LayerCheck] = field(default_factory=list)
     layers_unmapped: list[dict[str, str]] = field(default_factory=list)
     layer_rtol: float | None = None  # the per-layer tolerance, per unit of channel scale
+    # where a layer missed it: what the original's own rounding there was measured against
+    layer_own_error_of: str | None = None
     # where the random inputs came from, and how many samples they hold
     random_samples: int = 0
     random_source: str | None = None
@@ -388,6 +390,8 @@ class VerifyResult:
         out["layers"] = [layer.to_dict() for layer in self.layers]
         if self.layer_rtol is not None:
             out["layer_rtol"] = self.layer_rtol
+        if self.layer_own_error_of is not None:
+            out["layer_original_err_of"] = self.layer_own_error_of
         if self.layers_unmapped:
             out["layers_unmapped"] = list(self.layers_unmapped)
         return out

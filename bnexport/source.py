@@ -110,64 +110,90 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def float32_twin(model: nn.Module) -> nn.Module:
-    """A float32 copy of a half-precision module: its parameters, buffers and tensor
-    attributes cast to float32 (exact), and, in a graph module (a program's `.module()`), the
-    float16/bfloat16 dtypes its ops name (casts, tensor factories) replaced by float32. The
-    copy refuses to return a half-precision output, so that it is never taken for a float32
-    reference when some part of the model still computes in half precision."""
+    """A float32 copy of a half-precision module (see `wider_twin`): the reference a float16
+    or bfloat16 model's errors are measured against."""
+    return wider_twin(model, torch.float32)
+
+
+def float64_twin(model: nn.Module) -> nn.Module:
+    """A float64 copy of a float32 (or half-precision) module (see `wider_twin`): the
+    reference a float32 model's own rounding is measured against."""
+    return wider_twin(model, torch.float64)
+
+
+def _narrower(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    return HALF_DTYPES if dtype == torch.float32 else (*HALF_DTYPES, torch.float32)
+
+
+def wider_twin(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` computing in `dtype`: its parameters, buffers and tensor attributes
+    of a narrower floating type cast to `dtype` (exact), and, in a graph module (a program's
+    `.module()`), the narrower dtypes its ops name (casts, tensor factories) replaced by
+    `dtype`. The copy casts floating inputs to `dtype` and refuses to return a narrower
+    output, so that it is never taken for a `dtype` reference when some part of the model
+    still computes in a narrower type."""
     import copy
     import warnings
 
-    # a copy: `.float()` converts parameters in place, and a program's `.module()` shares
+    narrower = _narrower(dtype)
+    # a copy: `.to()` converts parameters in place, and a program's `.module()` shares
     # them with the program
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own, copying a graph module
         twin = copy.deepcopy(model)
-    twin = twin.float()
+    twin = twin.to(dtype)
     for module in twin.modules():
         for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
-                setattr(module, name, value.float())
-        if isinstance(module, torch.fx.GraphModule) and _float32_dtypes(module.graph):
+            if isinstance(value, torch.Tensor) and value.dtype in narrower:
+                setattr(module, name, value.to(dtype))
+        if isinstance(module, torch.fx.GraphModule) and _widen_dtypes(module.graph, dtype):
             module.recompile()
-    return _Float32Only(twin)
+    return _WideOnly(twin, dtype)
 
 
-def _as_float32(value):
-    if isinstance(value, torch.dtype) and value in HALF_DTYPES:
-        return torch.float32
+def _widened(value, dtype: torch.dtype):
+    if isinstance(value, torch.dtype) and value in _narrower(dtype):
+        return dtype
     if isinstance(value, (tuple, list)):
-        return type(value)(_as_float32(v) for v in value)
+        return type(value)(_widened(v, dtype) for v in value)
     return value
 
 
-def _float32_dtypes(graph) -> bool:
-    """Replace the half-precision dtypes named by the nodes of an fx graph; True if any."""
+def _widen_dtypes(graph, dtype: torch.dtype) -> bool:
+    """Replace the narrower floating dtypes named by the nodes of an fx graph; True if any."""
     changed = False
     for node in graph.nodes:
-        args, kwargs = _as_float32(node.args), {k: _as_float32(v) for k, v in node.kwargs.items()}
+        args = _widened(node.args, dtype)
+        kwargs = {k: _widened(v, dtype) for k, v in node.kwargs.items()}
         if args != node.args or kwargs != node.kwargs:
             node.args, node.kwargs = tuple(args), kwargs
             changed = True
     return changed
 
 
-class _Float32Only(nn.Module):
-    """Calls the twin; a half-precision output means the twin is not float32 after all."""
+class _WideOnly(nn.Module):
+    """Calls the twin on inputs widened to its dtype; a narrower output means the twin does
+    not compute in its dtype after all."""
 
-    def __init__(self, twin: nn.Module):
+    def __init__(self, twin: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.twin = twin
+        self.dtype = dtype
 
     def forward(self, *args):
         from torch.utils import _pytree as pytree
 
+        narrower = _narrower(self.dtype)
+        args = tuple(
+            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.dtype in narrower else a
+            for a in args
+        )
         out = self.twin(*args)
         for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.dtype in HALF_DTYPES:
+            if isinstance(leaf, torch.Tensor) and leaf.dtype in narrower:
                 raise TypeError(
-                    f"the float32 copy of the model still returns {leaf.dtype} (the model "
-                    "casts to half precision itself)"
+                    f"the {self.dtype} copy of the model still returns {leaf.dtype} (the model "
+                    "casts to a narrower type itself)"
                 )
         return out
 

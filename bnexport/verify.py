@@ -99,13 +99,15 @@ def compare(
     baseline: Sequence | None = None,
     factor: float | None = None,
     half_outputs: Sequence | None = None,
+    baseline_dtype: str = "float32",
 ) -> VerifyResult:
     """Run the ONNX model on every batch and accumulate per-output errors against the reference.
 
     `reference` is a callable, or a sequence with the recorded output of each batch.
     `baseline`: the recorded outputs of the float32 twin of a half-precision reference; then
     the errors (and scales) of the ONNX model and of the reference itself are measured against
-    it, and `factor` (the dtype tolerance) applies.
+    it, and `factor` (the dtype tolerance) applies; `baseline_dtype` names the baseline's
+    dtype ("float64" for a float32 model measured against its float64 twin).
     `half_outputs`: for a float16 export of a float32 reference, the reference model's own
     outputs computed in float16 on every batch; the errors are measured against the reference
     and the allowance is `factor` times the error of `half_outputs` against it.
@@ -157,7 +159,8 @@ def compare(
         batch_sizes.append(int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1)
     result = VerifyResult(checks or [], samples, atol, rtol, batch_sizes)
     if measured:
-        result.factor, result.reference_dtype = factor, "float32"
+        result.factor = factor
+        result.reference_dtype = baseline_dtype if twin is not None else "float32"
     if n_labels:
         result.accuracy = Accuracy(ref_correct / n_labels, onnx_correct / n_labels, n_labels)
         result.data_argmax_agreement = agree / total

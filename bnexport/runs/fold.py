@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnexport.render import write_json
+from bnexport.files import all_or_nothing
 from bnexport.report import RunReport
 from bnexport.runs.check import verify_output
 from bnexport.runs.float16 import check_float16_request
@@ -20,10 +20,15 @@ from bnexport.runs.options import (
     quiet,
 )
 from bnexport.runs.prepare import ONNX_REFERENCE, prepare
+from bnexport.runs.saving import save_report
 
 
+@all_or_nothing()
 def run_fold(opts: RunOptions, progress: Progress = quiet) -> RunReport:
-    """Fold, export, verify; write the ONNX file (and the JSON report / folded program)."""
+    """Fold, export, verify; write the ONNX file (and the JSON report / folded program).
+
+    A run that does not complete (an error, SIGINT or SIGTERM) removes every file it wrote,
+    the ONNX file included even if it was complete and only its verification was pending."""
     output = Path(opts.output or default_output(opts.model))
     inputs = [Path(opts.model)] + ([Path(opts.data)] if opts.data else [])
     inputs += [Path(opts.recalibrate)] if opts.recalibrate else []
@@ -41,5 +46,5 @@ def run_fold(opts: RunOptions, progress: Progress = quiet) -> RunReport:
         reference = fold_checkpoint(prep, opts, output, report, progress)
     verify_output(reference, output, prep, opts, report, progress)
     if opts.json_path is not None:
-        write_json(report, opts.json_path)
+        save_report(report, opts.json_path)
     return report

@@ -8,18 +8,21 @@ large model each stage's leftovers are freed before the next stage allocates.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 from pathlib import Path
 
 from bnexport.export import onnx_metadata, release_weights, save_onnx_model, to_onnx_program
 from bnexport.folding.torch_engine import fold_program
+from bnexport.input_profile import program_profile
 from bnexport.inputs import example_inputs
 from bnexport.report import RunReport
 from bnexport.runs.float16 import convert_to_float16, record_float16_run
+from bnexport.runs.labels import check_labels
 from bnexport.runs.layers import record_layer_values
 from bnexport.runs.options import Progress, RunOptions
-from bnexport.runs.prepare import Prepared
+from bnexport.runs.prepare import Prepared, profile_batches, reload_original
 from bnexport.runs.recalibration import recalibrate_before_fold
 from bnexport.runs.reference import record, record_float32_twin
 from bnexport.runs.saving import save_program
@@ -39,11 +42,16 @@ def fold_checkpoint(
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
+    profile_batches(prep, program_profile(program))
     original = source.reference()
+    prep.make_original = functools.partial(reload_original, opts, prep.specs, prep.dynamic)
     if opts.recalibrate is not None:
         original = recalibrate_before_fold(program, prep, opts, report, progress)
+        kept = copy.deepcopy(original)  # the fold rewrites the program's weights in place
+        prep.make_original = lambda: kept
     progress("running the original model")
     reference = record(original, prep.batches)
+    check_labels(prep, reference, report)
     record_float32_twin(functools.partial(float32_twin, original), prep, opts, report, progress)
     if opts.fp16:
         record_float16_run(original, prep, report, progress)

@@ -13,11 +13,13 @@ from pathlib import Path
 from bnexport.errors import BadInputError
 from bnexport.export import has_external_data, onnx_metadata, save_onnx_model
 from bnexport.folding.onnx_engine import fold_onnx_model
+from bnexport.input_profile import onnx_profile
 from bnexport.load_onnx import keep_declared_value_info, onnx_checker_error
 from bnexport.report import RunReport
 from bnexport.runs.float16 import convert_to_float16, record_float16_file
+from bnexport.runs.labels import check_labels
 from bnexport.runs.options import Progress, RunOptions
-from bnexport.runs.prepare import Prepared
+from bnexport.runs.prepare import Prepared, profile_batches
 from bnexport.runs.reference import onnx_twin, record, record_float32_twin
 
 
@@ -41,8 +43,10 @@ def fold_onnx_file(
     """Fold and write the ONNX file; returns the recorded reference outputs."""
     check_onnx_request(opts)
     source = prep.source
+    profile_batches(prep, onnx_profile(source.model))
     progress("running the original model in onnxruntime")
     reference = record(source.reference(), prep.batches)
+    check_labels(prep, reference, report)
     record_float32_twin(functools.partial(onnx_twin, source.path), prep, opts, report, progress)
     model = source.model
     if opts.fp16:

@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnexport.errors import BadInputError
+from bnexport.files import all_or_nothing
 from bnexport.inputs import example_inputs
-from bnexport.render import write_json
 from bnexport.runs.options import Progress, RunOptions, check_outputs, quiet
 from bnexport.runs.prepare import data_batching, prepare
+from bnexport.runs.saving import save_report
 from bnexport.stats.inspect import TRAINING_MODE, InspectReport, inspect_program
 from bnexport.stats.plot import plot_drift
 
 
+@all_or_nothing()
 def run_inspect(
     opts: RunOptions, plot: Path | None = None, progress: Progress = quiet
 ) -> InspectReport:
@@ -48,7 +50,7 @@ def run_inspect(
     if plot is not None:
         plot_drift(report, plot)
     if opts.json_path is not None:
-        write_json(report, opts.json_path)
+        save_report(report, opts.json_path)
     return report
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from bnexport.defaults import DATA_BATCH, LARGE_BATCH, ONNX_BATCHES, SMALL_BATCH
 from bnexport.errors import BadInputError
-from bnexport.inputs import fixed_batch, load_npz, verification_batches
+from bnexport.input_profile import InputProfile
+from bnexport.inputs import example_inputs, fixed_batch, load_npz, verification_batches
 from bnexport.load import load_source
 from bnexport.onnx_runtime import uses_half_type
 from bnexport.runs.options import Progress, RunOptions, companion_data
@@ -30,12 +31,18 @@ class Prepared:
     baseline: list | None = None  # the float32 twin's outputs on every batch
     half_outputs: list | None = None  # --fp16: the model's own outputs computed in float16
     layer_values: list | None = None  # the original's tensors where folds are checked
+    # a float32 model's own rounding, measured when the plain tolerance is missed: "float64"
+    # (`baseline` holds the float64 twin's outputs) or "one ulp" (`half_outputs` holds the
+    # ONNX original's outputs with every weight moved by one unit in the last place)
+    noise_floor: str | None = None
+    samples: int = 0  # seeded random batches asked for
+    random_source: str = "standard normal"  # where the random inputs are drawn from
+    # () -> the eval-mode original as a graph module, for its float64 twin
+    make_original: object = None
     original_path: str | None = None  # the model's file
 
 
-def prepare(opts: RunOptions, progress: Progress) -> Prepared:
-    """Load the model (and --data, or MODEL_test.npz next to it) and make the batches."""
-    progress("loading model")
+def _load(opts: RunOptions):
     data = opts.data if opts.data is not None else companion_data(opts.model)
     source = load_source(
         opts.model,
@@ -45,6 +52,21 @@ def prepare(opts: RunOptions, progress: Progress) -> Prepared:
         static_batch=opts.static_batch,
         data=data,
     )
+    return source, data
+
+
+def reload_original(opts: RunOptions, specs: list, dynamic: bool):
+    """The eval-mode original loaded again from its file (after a fold rewrote the run's
+    own copy in place), as the graph module of its traced program (whose tensors bear the
+    names the checks use)."""
+    source = _load(opts)[0]
+    return source.to_program(example_inputs(specs, dynamic=dynamic), dynamic_batch=dynamic).module()
+
+
+def prepare(opts: RunOptions, progress: Progress) -> Prepared:
+    """Load the model (and --data, or MODEL_test.npz next to it) and make the batches."""
+    progress("loading model")
+    source, data = _load(opts)
     specs = source.input_specs
     dataset = load_npz(data, specs) if data is not None else None
     dynamic = source.dynamic_batch
@@ -58,6 +80,7 @@ def prepare(opts: RunOptions, progress: Progress) -> Prepared:
     )
     n_random = samples if dataset is not None else max(samples, 1)
     prep = Prepared(source, specs, dataset, dynamic, batches, n_random, source.is_onnx)
+    prep.samples = samples
     prep.model_dtype = _model_dtype(source)
     prep.original_path = str(source.path)
     return prep
@@ -88,6 +111,29 @@ def _model_dtype(source) -> str | None:
         return "float16" if uses_half_type(source.path) == "float16" else None
     dtype = source.model_dtype()
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def profile_batches(prep: Prepared, profile: InputProfile) -> None:
+    """Make the batches again with what the model's profile says: inputs drawn from an input
+    BN's statistics, and random batches as large as the model can afford."""
+    if prep.onnx_in:
+        sizes = ONNX_BATCHES
+    else:
+        sizes = (SMALL_BATCH, LARGE_BATCH, max(LARGE_BATCH, profile.batch_size()))
+    prep.batches = verification_batches(
+        prep.specs,
+        dynamic=prep.dynamic,
+        samples=prep.samples,
+        dataset=prep.dataset,
+        sizes=sizes,
+        moments=profile.moments,
+    )
+    prep.random_source = profile.source
+
+
+def random_samples_of(prep: Prepared) -> int:
+    """How many samples the random batches hold."""
+    return sum(int(b[0].shape[0]) if b and b[0].dim() else 1 for b in prep.batches[: prep.n_random])
 
 
 def data_batching(prep: Prepared, batch_size: int | None) -> dict:

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnexport.errors import BadInputError
-from bnexport.files import write_atomic
+from bnexport.files import all_or_nothing, write_atomic
 from bnexport.inputs import example_inputs
 from bnexport.load import PICKLED_MODULE, SAFETENSORS, STATE_DICT, detect_format
-from bnexport.render import write_json
 from bnexport.runs.options import (
     Progress,
     RunOptions,
@@ -19,7 +18,7 @@ from bnexport.runs.options import (
     quiet,
 )
 from bnexport.runs.prepare import data_chunks, prepare
-from bnexport.runs.saving import save_program
+from bnexport.runs.saving import save_program, save_report
 from bnexport.stats.inspect import inspect_program
 from bnexport.stats.population import STATISTICS_BUFFERS
 from bnexport.stats.recalibrate import (
@@ -30,6 +29,7 @@ from bnexport.stats.recalibrate import (
 )
 
 
+@all_or_nothing()
 def run_recalibrate(
     opts: RunOptions, batch_size: int | None = None, progress: Progress = quiet
 ) -> RecalibrateReport:
@@ -58,6 +58,7 @@ def run_recalibrate(
     progress("measuring the drift before")
     # the report needs only the drift: no dry run of the fold engine
     before = inspect_program(program, str(opts.model), dataset=dataset, dry_run=False, **batching)
+    _check_labels(program.module(), chunks, dataset)
     acc_before = accuracy(program.module(), chunks, dataset.labels)
     progress("recalibrating (one pass over the data)")
     done, left = recalibrate_program(program, chunks, str(opts.model))
@@ -91,8 +92,22 @@ def run_recalibrate(
         list(source.warnings),
     )
     if opts.json_path is not None:
-        write_json(report, opts.json_path)
+        save_report(report, opts.json_path)
     return report
+
+
+def _check_labels(module, chunks: list, dataset) -> None:
+    """Labels must be class indices of the first output (its columns, on the first chunk)."""
+    import torch
+
+    from bnexport.outputs import as_outputs
+
+    if dataset.labels is None or not chunks:
+        return
+    with torch.no_grad():
+        arrays = as_outputs(module(*chunks[0])).arrays
+    if arrays and arrays[0].ndim == 2:
+        dataset.check_labels(int(arrays[0].shape[1]))
 
 
 def _recalibrated_suffix(model: Path) -> str:

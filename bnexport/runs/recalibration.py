@@ -18,7 +18,7 @@ def recalibrate_before_fold(
 ):
     """Recalibrate `program` in place; returns the recalibrated model, which the export must
     now match."""
-    calib = load_npz(Path(opts.recalibrate), prep.specs)
+    calib = load_npz(Path(opts.recalibrate), prep.specs, flag="--recalibrate")
     check_calibration_data(calib, prep.specs)
     progress("recalibrating BatchNorm statistics")
     chunks, _ = data_chunks(prep, calib, None)

@@ -1,6 +1,7 @@
 """Recording what the original computes on the run's batches, before anything changes it:
 its outputs (the reference of the verification) and, for a float16 or bfloat16 model, those
-of its float32 twin (what both the original's and the export's errors are measured against).
+of its float32 twin (what both the original's and the export's errors are measured against);
+for a float32 model whose export misses the plain tolerance, its own float32 rounding.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bnexport.errors import BadInputError, summarize_exception
-from bnexport.onnx_runtime import Float32TwinReference
+from bnexport.onnx_runtime import Float32TwinReference, one_ulp_twin_runner
+from bnexport.outputs import as_numpy_batch
 from bnexport.report import RunReport
 from bnexport.runs.options import Progress, RunOptions
 from bnexport.runs.prepare import Prepared
+from bnexport.source import float64_twin
 from bnexport.verify import float32_batches, record_reference
 
 
@@ -51,3 +54,26 @@ def record_float32_twin(
 def onnx_twin(path: str) -> Float32TwinReference:
     """The float32 twin of an ONNX original, as a reference."""
     return Float32TwinReference(path)
+
+
+def measure_noise_floor(prep: Prepared, progress: Progress) -> str | None:
+    """A float32 model's own rounding on the run's batches, for an export that missed the
+    plain tolerance: the outputs of its float64 twin (a checkpoint), or (an ONNX original,
+    which onnxruntime cannot run in float64) those of the original file with every weight
+    moved by one float32 unit in the last place. Returns None when measured, or why it could
+    not be (then the plain tolerance stands)."""
+    try:
+        if prep.onnx_in:
+            progress("running the original file with each weight rounded once more")
+            runner = one_ulp_twin_runner(prep.original_path)
+            prep.half_outputs = record_reference(runner, [as_numpy_batch(b) for b in prep.batches])
+            prep.noise_floor = "one ulp"
+        else:
+            if prep.make_original is None:
+                return "the original is no longer at hand"
+            progress("running the model in float64")
+            prep.baseline = record_reference(float64_twin(prep.make_original()), prep.batches)
+            prep.noise_floor = "float64"
+    except Exception as exc:  # noqa: BLE001 - the plain tolerance stands, with a warning
+        return summarize_exception(exc)
+    return None

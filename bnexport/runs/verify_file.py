@@ -9,16 +9,20 @@ from pathlib import Path
 
 from bnexport.errors import BadInputError, summarize_exception
 from bnexport.export import describe_onnx
+from bnexport.files import all_or_nothing
+from bnexport.input_profile import onnx_profile, program_profile
 from bnexport.inputs import example_inputs, verification_batches
-from bnexport.render import write_json
 from bnexport.report import RunReport
 from bnexport.runs.check import verify_output
-from bnexport.runs.layers import checks_layers, folds_in_file, record_layer_values
+from bnexport.runs.labels import check_labels
+from bnexport.runs.layers import folds_in_file, record_layer_values
 from bnexport.runs.options import Progress, RunOptions, check_outputs, quiet
-from bnexport.runs.prepare import ONNX_REFERENCE, Prepared, prepare
+from bnexport.runs.prepare import ONNX_REFERENCE, Prepared, prepare, profile_batches
 from bnexport.runs.reference import onnx_twin, record, record_float32_twin
+from bnexport.runs.saving import save_report
 
 
+@all_or_nothing()
 def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) -> RunReport:
     """Verify an existing ONNX file against the original model; write only the JSON report."""
     onnx_path = Path(onnx_path)
@@ -35,18 +39,22 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     _follow_static_batch(prep, info, opts)
     info.dynamic_batch = info.dynamic_batch and prep.dynamic
     program = None
-    if not prep.onnx_in and checks_layers(prep, opts):
+    if prep.onnx_in:
+        profile_batches(prep, onnx_profile(prep.source.model))
+    else:
         program = prep.source.to_program(
             example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
         )
+        profile_batches(prep, program_profile(program))
         record_layer_values(program, prep, opts)
+        prep.make_original = program.module
     folds, unplaced = folds_in_file(onnx_path, prep, program)
-    del program
     progress("running the original model")
     reference = record(prep.source.reference(), prep.batches)
     report = RunReport(
         "verify", str(opts.model), str(onnx_path), onnx=info, warnings=list(prep.source.warnings)
     )
+    check_labels(prep, reference, report)
     if prep.onnx_in:
         report.reference = ONNX_REFERENCE
         twin = functools.partial(onnx_twin, prep.source.path)
@@ -55,7 +63,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     record_float32_twin(twin, prep, opts, report, progress)
     verify_output(reference, onnx_path, prep, opts, report, progress, folds, unplaced)
     if opts.json_path is not None:
-        write_json(report, opts.json_path)
+        save_report(report, opts.json_path)
     return report
 
 
