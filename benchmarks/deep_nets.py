@@ -13,6 +13,7 @@ their public definitions build them (random weights; BN statistics from train-mo
   (batch, token) (`LinearNorm`), Hardswish, attention biases, a BN-Linear head.
 * `MaskedMLP`: 12 -> 32 -> 16 -> 3 with an input BN and a BN after each hidden Linear,
   whose inputs live far from N(0, 1) (the input BN's statistics say where).
+* `RawFeatureMLP`: a tabular MLP whose BN normalizes features around 1e4.
 """
 
 from __future__ import annotations
@@ -253,6 +254,31 @@ def masked_mlp(seed: int = 0) -> MaskedMLP:
     return model.eval()
 
 
+class RawFeatureMLP(nn.Module):
+    """A tabular MLP on raw features (prices, timestamps): its first layer's outputs sit
+    around 1e4 and a BatchNorm normalizes them, so float32 keeps only a few digits of
+    x - mu and the model's own output error is far above rtol 1e-5."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn = nn.Linear(16, 32), nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def raw_feature_mlp(seed: int = 0) -> RawFeatureMLP:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = RawFeatureMLP()
+    with torch.no_grad():
+        model.fc1.bias.fill_(1e4)
+        model.bn.running_mean.copy_(1e4 + torch.randn(32, generator=gen) * 0.1)
+        model.bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model.eval()
+
+
 def deep_models(quick: bool = False) -> list[tuple[str, nn.Module, tuple]]:
     """(name, model with trained-like statistics, single-sample input shape)."""
     torch.manual_seed(0)
@@ -274,4 +300,5 @@ def deep_models(quick: bool = False) -> list[tuple[str, nn.Module, tuple]]:
         model = build()
         out.append((name, train_statistics(model, (8, *shape)), shape))
     out.append(("masked_mlp", masked_mlp(), (12,)))
+    out.append(("raw_feature_mlp", raw_feature_mlp(), (16,)))
     return out

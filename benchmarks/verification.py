@@ -218,6 +218,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small networks only")
+    parser.add_argument("--models", nargs="*", help="only these networks (by name)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results_verification.md")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -225,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bnexport-verification-") as tmp:
         work = Path(tmp)
         for name, model, shape in deep_models(quick=args.quick):
+            if args.models and name not in args.models:
+                continue
             print(f"{name} ...", flush=True)
             rows.append(bench_model(name, model, shape, work))
             print(rows[-1], flush=True)
         if not args.quick:
             for name, model, shape in deep_models(quick=False):
-                if name in ("resnet50", "mobilenet_v2"):
+                if name in ("resnet50", "mobilenet_v2") and name in (args.models or [name]):
                     timing.append(whole_process(name, model, shape, work))
                     print(timing[-1], flush=True)
     text = [

@@ -27,12 +27,16 @@ class InputProfile:
     moments: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     source: str = "standard normal"
     macs: int | None = None  # per sample; None when unknown
+    max_batch: int | None = None  # the largest batch the model accepts, when it sets one
 
     def batch_size(self) -> int:
         """The size of the random batches after the first two."""
-        if not self.macs:
-            return LARGE_BATCH
-        return int(min(MAX_RANDOM_BATCH, max(LARGE_BATCH, SAMPLE_MACS_BUDGET // self.macs)))
+        size = LARGE_BATCH
+        if self.macs:
+            size = int(min(MAX_RANDOM_BATCH, max(LARGE_BATCH, SAMPLE_MACS_BUDGET // self.macs)))
+        if self.max_batch is not None:
+            size = min(size, max(self.max_batch, 1))
+        return size
 
 
 def _std(var: np.ndarray) -> np.ndarray:
@@ -75,7 +79,32 @@ def program_profile(program) -> InputProfile:
         outputs = math.prod(_size(d) for d in val.shape[1:])
         macs += outputs * per_output
     profile.macs = macs or None
+    profile.max_batch = _max_batch(program, user_inputs)
     return profile
+
+
+def _max_batch(program, user_inputs: set[str]) -> int | None:
+    """The upper bound the program sets on its batch axis, if any."""
+    import torch
+
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        if not isinstance(val, torch.Tensor) or not val.dim():
+            continue
+        batch = val.shape[0]
+        if not isinstance(batch, torch.SymInt):
+            return None
+        bound = program.range_constraints.get(batch.node.expr)
+        upper = getattr(bound, "upper", None)
+        if upper is None or getattr(upper, "is_finite", True) is False:
+            return None  # unbounded
+        try:
+            return int(upper)
+        except Exception:  # noqa: BLE001 - a bound sympy cannot give as an int: unbounded
+            return None
+    return None
 
 
 def _size(d) -> int:

@@ -74,3 +74,16 @@ def test_quick_shared_padded_benchmark(tmp_path):
         assert int(row["BN left: bnexport"]) == 0
         assert int(row["BN left: plain"]) > 0
         assert float(row["error: bnexport"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_quick_verification_benchmark(tmp_path):
+    """The verification benchmark runs on the masked MLP: no false alarm, a defect caught."""
+    from benchmarks import verification
+
+    out = tmp_path / "verification.md"
+    assert verification.main(["--quick", "--models", "masked_mlp", "--out", str(out)]) == 0
+    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| masked_mlp")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2:5] == ["PASS", "PASS", "PASS"]
+    assert float(cells[-1]) <= 1e-3  # the smallest defect caught

@@ -179,3 +179,70 @@ def test_runs_modules_are_short():
         if (n := len(p.read_text().splitlines())) > 350
     }
     assert long == {}
+
+
+# The layers of docs/how-it-works.md ("The code"), top to bottom: a module may import its own
+# layer and those below it, never one above.
+LAYERS = [
+    ("command line", ["bnexport.cli", "bnexport.__main__"]),
+    ("runs", ["bnexport.runs"]),
+    ("rendering", ["bnexport.render"]),
+    (
+        "stages",
+        [
+            "bnexport.export",
+            "bnexport.verify",
+            "bnexport.layer_check",
+            "bnexport.input_profile",
+            "bnexport.half",
+            "bnexport.stats",
+        ],
+    ),
+    ("engines", ["bnexport.folding"]),
+    (
+        "loading",
+        [
+            "bnexport.load",
+            "bnexport.load_onnx",
+            "bnexport.source",
+            "bnexport.onnx_runtime",
+            "bnexport.outputs",
+            "bnexport.inputs",
+            "bnexport.trace",
+        ],
+    ),
+    ("data", ["bnexport.report"]),
+    (
+        "base",
+        [
+            "bnexport.errors",
+            "bnexport.defaults",
+            "bnexport.formatting",
+            "bnexport.files",
+            "bnexport.interrupts",
+            "bnexport.version",
+        ],
+    ),
+]
+
+
+def _layer_of(module: str) -> int | None:
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    return None
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in import_graph() if m != "bnexport" and _layer_of(m) is None] == []
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = [
+        f"{module} ({LAYERS[_layer_of(module)][0]}) imports {target}"
+        for module, edges in import_graph().items()
+        if _layer_of(module) is not None
+        for target in edges
+        if _layer_of(target) is not None and _layer_of(target) < _layer_of(module)
+    ]
+    assert upward == []

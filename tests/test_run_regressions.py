@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from bnexport import fold
 from bnexport.cli import main
@@ -295,3 +296,32 @@ def test_fold_of_a_program_whose_input_is_called_input():
     x = torch.randn(3, 1, 5, 5)
     assert len(result.report.folded) == 1
     assert torch.allclose(result.module(x[:2]), model(x[:2]), atol=1e-5)
+
+
+class _BiasFreeBlock(nn.Module):
+    def __init__(self, cin: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_module_paths_that_are_not_identifiers_fold_and_export(tmp_path):
+    """torchvision's RegNet names blocks `block1-0`; a module may also start with a digit.
+    The bias a fold adds to a bias-free conv is named after that path."""
+    model = nn.Sequential()
+    model.add_module("block1-0", _BiasFreeBlock(3))
+    model.add_module("0stem", _BiasFreeBlock(4))
+    randomize_bn(model.eval())
+    pt2, out = tmp_path / "m.pt2", tmp_path / "m.onnx"
+    dyn = ({0: torch.export.Dim("batch", min=1, max=64)},)
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=dyn)
+    torch.export.save(program, str(pt2))
+    result = _invoke("fold", pt2, "-o", out, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["batchnorm"]["folded"] == 2
+    # the program bounds its batch at 64: the random batches stay within it
+    assert max(data["verify"]["batch_sizes"]) <= 64

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import torch
 from torch import fx, nn
@@ -24,6 +25,13 @@ from torch.export.graph_signature import (
 )
 
 _STORED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def placeholder_name(target: str) -> str:
+    """The placeholder name of a new parameter: `p_` and its state name with every character
+    that may not stand in a Python identifier made `_` (module paths such as torchvision's
+    `trunk_output.block1.block1-0` hold hyphens; generated code names the placeholder)."""
+    return "p_" + re.sub(r"\W", "_", target)
 
 
 class ProgramState:
@@ -99,7 +107,7 @@ class ProgramState:
             self.graph.inserting_after(anchor) if anchor else self.graph.inserting_before(first)
         )
         with insert:
-            node = self.graph.placeholder("p_" + target.replace(".", "_"))
+            node = self.graph.placeholder(placeholder_name(target))
         self._last_parameter = node
         node.meta["val"] = self._fake(value)
         self.specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target)
