@@ -193,6 +193,7 @@ LAYERS = [
             "bnexport.export",
             "bnexport.verify",
             "bnexport.layer_check",
+            "bnexport.layer_cut",
             "bnexport.input_profile",
             "bnexport.half",
             "bnexport.stats",

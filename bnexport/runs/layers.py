@@ -1,5 +1,6 @@
 """The per-layer stage of a verification: the original's tensors recorded where folds may be
-checked, and every folded layer of the written file compared there (`bnexport.layer_check`).
+checked, and every folded layer of the written file compared there (`bnexport.layer_cut`
+finds the pieces, `bnexport.layer_check` records and compares).
 
 A checkpoint's tensors are recorded from the traced program before the fold rewrites it; an
 ONNX original is run again afterwards, with the tensors the checks need as extra outputs.
@@ -24,15 +25,17 @@ from bnexport.layer_check import (
     capture_module_values,
     capture_program_values,
     compare_layers,
+    onnx_values,
+    program_capture_names,
+)
+from bnexport.layer_cut import (
     cut_layers,
     folds_by_names,
     needed_names,
     onnx_batchnorm_inputs,
     onnx_batchnorm_points,
     onnx_value_names,
-    onnx_values,
     program_batchnorm_points,
-    program_capture_names,
 )
 from bnexport.report import FoldReport, VerifyResult
 from bnexport.runs.options import RunOptions
