@@ -20,7 +20,9 @@ from bnexport.defaults import (
     LAYER_RTOL,
     ONNX_FLOAT32_FACTOR,
 )
+from bnexport.errors import summarize_exception
 from bnexport.export import recorded_folds
+from bnexport.interrupts import raise_if_interrupted
 from bnexport.layer_check import (
     capture_module_values,
     capture_program_values,
@@ -52,8 +54,15 @@ def record_layer_values(program, prep: Prepared, opts: RunOptions) -> None:
     """A checkpoint: the traced program's tensors a check may need, before the fold."""
     if not checks_layers(prep, opts):
         return
-    names = program_capture_names(program)
-    prep.layer_values = capture_program_values(program, prep.batches, names, LAYER_CHECK_BYTES)
+    try:
+        names = program_capture_names(program)
+        prep.layer_values = capture_program_values(program, prep.batches, names, LAYER_CHECK_BYTES)
+    except Exception as exc:  # noqa: BLE001 - the outputs are still verified; the report says why
+        raise_if_interrupted()
+        prep.layer_values = None
+        prep.layer_problem = (
+            f"the original's tensors could not be recorded ({summarize_exception(exc)})"
+        )
 
 
 def _layer_floor(prep: Prepared, cuts, count: int):
@@ -105,12 +114,33 @@ def check_layers(
 ) -> None:
     """Compare every folded layer of the file at `onnx_path` where it is; fill
     `result.layers` and `result.layers_unmapped` (after `unplaced`, the BNs whose place in
-    the file is unknown)."""
-    import onnx
-
+    the file is unknown). A check that cannot run leaves the outputs' verdict standing and
+    says why in `layers_unmapped`."""
     result.layers_unmapped = list(unplaced or [])
     if fold is None or not fold.folded or not checks_layers(prep, opts):
         return
+    problem = prep.layer_problem
+    if problem is None:
+        try:
+            _check_layers(result, onnx_path, fold, prep, opts, optimize)
+            return
+        except Exception as exc:  # noqa: BLE001 - the outputs are still verified; said below
+            raise_if_interrupted()
+            problem = f"the per-layer check could not run ({summarize_exception(exc)})"
+    result.layers = []
+    result.layers_unmapped.append({"name": "every folded layer", "reason": problem})
+
+
+def _check_layers(
+    result: VerifyResult,
+    onnx_path: Path,
+    fold: FoldReport,
+    prep: Prepared,
+    opts: RunOptions,
+    optimize: bool,
+) -> None:
+    import onnx
+
     export = onnx.load(str(onnx_path), load_external_data=False)
     if prep.onnx_in:
         original = onnx_value_names(prep.original_path)

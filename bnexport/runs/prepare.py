@@ -31,6 +31,7 @@ class Prepared:
     baseline: list | None = None  # the float32 twin's outputs on every batch
     half_outputs: list | None = None  # --fp16: the model's own outputs computed in float16
     layer_values: list | None = None  # the original's tensors where folds are checked
+    layer_problem: str | None = None  # why they could not be recorded
     # a float32 model's own rounding, measured when the plain tolerance is missed: "float64"
     # (`baseline` holds the float64 twin's outputs) or "one ulp" (`half_outputs` holds the
     # ONNX original's outputs with every weight moved by one unit in the last place)
