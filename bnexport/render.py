@@ -180,7 +180,8 @@ def layer_lines(v: VerifyResult) -> list[str]:
         worst = max(v.layers, key=lambda layer: layer.max_rel_err)
         lines.append(
             f"layers: {len(v.layers) - len(failed)} of {len(v.layers)} folded layers match the "
-            f"original where they are ({samples} samples; largest error {fmt(worst.max_rel_err)} "
+            f"original where they are ({samples} sample{'s' if samples != 1 else ''}; largest "
+            f"error {fmt(worst.max_rel_err)} "
             f"x channel scale at {worst.name}; tolerance {fmt(v.layer_rtol or 0)} x channel "
             "scale"
             + (

@@ -52,7 +52,7 @@ def test_fold_onnx_default_output_report_and_json(cnn_onnx, tmp_path):
     assert result.exit_code == 0, result.output
     out = tmp_path / "cnn.folded.onnx"
     assert out.is_file() and cnn_onnx.read_bytes() == before
-    assert "verify: PASS" in result.output and "batch sizes [1, 8]" in result.output
+    assert "verify: PASS" in result.output and "batch sizes [1, 8, " in result.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["verdict"] == "passed" and data["exit_code"] == 0
     assert data["batchnorm"]["total"] == 2 and data["batchnorm"]["folded"] == 2
@@ -237,7 +237,7 @@ def test_static_batch_is_a_warning_for_onnx(cnn_onnx, tmp_path):
     result = _invoke("fold", cnn_onnx, "--static-batch")
     assert result.exit_code == 0, result.output
     assert "--static-batch has no effect on an ONNX input" in result.output
-    assert "batch sizes [1, 8]" in result.output
+    assert "batch sizes [1, 8, " in result.output
 
 
 def test_initializer_that_is_a_graph_output_keeps_its_type(tmp_path):

@@ -57,16 +57,27 @@ DEEP = {
 }
 
 
+_FOLDED: dict = {}
+
+
+def _folded(family: str, tmp_path_factory):
+    """The family's network saved as a program and folded by `bnexport fold`, once per run:
+    (family, pt2, onnx, JSON report, exit code, output)."""
+    if family not in _FOLDED:
+        build, shape = DEEP[family]
+        torch.manual_seed(0)
+        model = train_statistics(build(), (8, *shape))
+        work = tmp_path_factory.mktemp(family)
+        pt2, out, report = work / "m.pt2", work / "m.onnx", work / "r.json"
+        _save(model, shape, pt2)
+        code, text = _invoke("fold", pt2, "-o", out, "--json", report)
+        _FOLDED[family] = family, pt2, out, json.loads(report.read_text()), code, text
+    return _FOLDED[family]
+
+
 @pytest.fixture(scope="module", params=sorted(DEEP))
 def deep(request, tmp_path_factory):
-    build, shape = DEEP[request.param]
-    torch.manual_seed(0)
-    model = train_statistics(build(), (8, *shape))
-    work = tmp_path_factory.mktemp(request.param)
-    pt2, out, report = work / "m.pt2", work / "m.onnx", work / "r.json"
-    _save(model, shape, pt2)
-    code, text = _invoke("fold", pt2, "-o", out, "--json", report)
-    return request.param, pt2, out, json.loads(report.read_text()), code, text
+    return _folded(request.param, tmp_path_factory)
 
 
 def test_a_correct_fold_of_a_deep_network_passes(deep):
@@ -149,11 +160,9 @@ def test_float32_rounding_of_the_original_is_measured_not_taken_for_a_defect(tmp
     assert code == 1 and "first diverging layer: fc1" in text, text
 
 
-def test_an_onnx_fold_defect_is_located(tmp_path):
-    torch.manual_seed(0)
-    model = train_statistics(ResNet50(classes=10, base=8), (8, 3, 32, 32))
-    pt2, unfolded = tmp_path / "m.pt2", tmp_path / "m.unfolded.onnx"
-    _save(model, (3, 32, 32), pt2)
+def test_an_onnx_fold_defect_is_located(tmp_path, tmp_path_factory):
+    _, pt2, _, _, _, _ = _folded("resnet50", tmp_path_factory)
+    unfolded = tmp_path / "m.unfolded.onnx"
     export_unfolded(pt2, unfolded)
     folded = tmp_path / "m.folded.onnx"
     code, text = _invoke("fold", unfolded, "-o", folded, "--json", tmp_path / "r.json")
@@ -177,14 +186,10 @@ def test_an_onnx_fold_defect_is_located(tmp_path):
     assert "first diverging layer:" in text
 
 
-def test_a_file_without_records_is_mapped_by_tensor_names(tmp_path):
+def test_a_file_without_records_is_mapped_by_tensor_names(tmp_path, tmp_path_factory):
     """`verify` of a file bnexport did not write: its folds are found by the tensor names the
     exporter kept, and the BNs it cannot place are named."""
-    torch.manual_seed(0)
-    model = train_statistics(ResNet50(classes=10, base=8), (8, 3, 32, 32))
-    pt2, out = tmp_path / "m.pt2", tmp_path / "m.onnx"
-    _save(model, (3, 32, 32), pt2)
-    code, text = _invoke("fold", pt2, "-o", out)
+    _, pt2, out, _, code, text = _folded("resnet50", tmp_path_factory)
     assert code == 0, text
     stripped = onnx.load(str(out))
     del stripped.metadata_props[:]
@@ -194,3 +199,15 @@ def test_a_file_without_records_is_mapped_by_tensor_names(tmp_path):
     layers = json.loads((tmp_path / "v.json").read_text())["verify"]["layers"]
     assert len(layers) == 53 and all(r["passed"] for r in layers)
     assert np.isfinite([r["max_rel_err"] for r in layers]).all()
+
+
+def test_an_onnx_mlp_is_verified_on_hundreds_of_rows_from_its_input_bn(tmp_path):
+    pt2, unfolded = tmp_path / "mlp.pt2", tmp_path / "mlp.unfolded.onnx"
+    _save(masked_mlp(), (12,), pt2)
+    export_unfolded(pt2, unfolded)
+    code, text = _invoke("fold", unfolded, "-o", tmp_path / "f.onnx", "--json", tmp_path / "r.json")
+    assert code == 0, text
+    verify = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert verify["random"]["samples"] >= 256
+    assert verify["random"]["source"].startswith("the running statistics of")
+    assert len(verify["layers"]) == 3 and all(r["passed"] for r in verify["layers"])

@@ -43,7 +43,7 @@ def fold_onnx_file(
     """Fold and write the ONNX file; returns the recorded reference outputs."""
     check_onnx_request(opts)
     source = prep.source
-    profile_batches(prep, onnx_profile(source.model))
+    profile_batches(prep, onnx_profile(source.model, prep.original_path, prep.specs))
     progress("running the original model in onnxruntime")
     reference = record(source.reference(), prep.batches)
     check_labels(prep, reference, report)

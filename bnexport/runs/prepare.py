@@ -118,7 +118,7 @@ def profile_batches(prep: Prepared, profile: InputProfile) -> None:
     """Make the batches again with what the model's profile says: inputs drawn from an input
     BN's statistics, and random batches as large as the model can afford."""
     if prep.onnx_in:
-        sizes = ONNX_BATCHES
+        sizes = (*ONNX_BATCHES, max(ONNX_BATCHES[-1], profile.batch_size()))
     else:
         sizes = (SMALL_BATCH, LARGE_BATCH, max(LARGE_BATCH, profile.batch_size()))
     prep.batches = verification_batches(

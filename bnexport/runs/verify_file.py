@@ -40,7 +40,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     info.dynamic_batch = info.dynamic_batch and prep.dynamic
     program = None
     if prep.onnx_in:
-        profile_batches(prep, onnx_profile(prep.source.model))
+        profile_batches(prep, onnx_profile(prep.source.model, prep.original_path, prep.specs))
     else:
         program = prep.source.to_program(
             example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
