@@ -217,9 +217,14 @@ def float16_lines(half) -> list[str]:
     return lines
 
 
+def report_dict(report) -> dict:
+    """Any command's report (fold/verify, inspect, recalibrate) in its JSON form."""
+    return report.to_dict()
+
+
 def report_json(report) -> str:
     """Any command's report (fold/verify, inspect, recalibrate) as JSON text."""
-    return json.dumps(report.to_dict(), indent=2) + "\n"
+    return json.dumps(report_dict(report), indent=2) + "\n"
 
 
 def write_json(report, path: str | Path) -> None:
