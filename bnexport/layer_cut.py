@@ -157,11 +157,8 @@ def needed_names(cuts: Iterable[LayerCut]) -> set[str]:
     return names
 
 
-def onnx_value_names(path: str) -> set[str]:
-    """Every tensor an ONNX file computes or takes (not its initializers)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def onnx_value_names(model) -> set[str]:
+    """Every tensor an ONNX ModelProto computes or takes (not its initializers)."""
     names = {i.name for i in model.graph.input}
     for node in model.graph.node:
         names.update(o for o in node.output if o)
@@ -212,11 +209,8 @@ def onnx_batchnorm_points(path: str) -> list[BatchNormPoint]:
     return points
 
 
-def onnx_batchnorm_inputs(path: str) -> set[str]:
-    """The tensors the BatchNormalization nodes of an ONNX file read as their input."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def onnx_batchnorm_inputs(model) -> set[str]:
+    """The tensors the BatchNormalization nodes of an ONNX ModelProto read as their input."""
     return {n.input[0] for n in model.graph.node if n.op_type == "BatchNormalization"}
 
 

@@ -99,8 +99,10 @@ def folds_in_file(onnx_path: Path, prep: Prepared, program) -> tuple[FoldReport,
         points = program_batchnorm_points(program)
     else:
         points = onnx_batchnorm_points(prep.original_path)
-    names = onnx_value_names(str(onnx_path))
-    return folds_by_names(points, names, onnx_batchnorm_inputs(str(onnx_path)))
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return folds_by_names(points, onnx_value_names(model), onnx_batchnorm_inputs(model))
 
 
 def check_layers(
@@ -143,7 +145,7 @@ def _check_layers(
 
     export = onnx.load(str(onnx_path), load_external_data=False)
     if prep.onnx_in:
-        original = onnx_value_names(prep.original_path)
+        original = onnx_value_names(onnx.load(prep.original_path, load_external_data=False))
         cuts, unmapped = cut_layers(export, fold, original.__contains__, str(onnx_path.parent))
         values = onnx_values(
             prep.original_path, prep.batches, needed_names(cuts), LAYER_CHECK_BYTES

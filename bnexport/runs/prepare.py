@@ -65,22 +65,16 @@ def reload_original(opts: RunOptions, specs: list, dynamic: bool):
 
 
 def prepare(opts: RunOptions, progress: Progress) -> Prepared:
-    """Load the model (and --data, or MODEL_test.npz next to it) and make the batches."""
+    """Load the model (and --data, or MODEL_test.npz next to it). The batches are made by
+    `profile_batches`, once the model's profile is known."""
     progress("loading model")
     source, data = _load(opts)
     specs = source.input_specs
     dataset = load_npz(data, specs) if data is not None else None
     dynamic = source.dynamic_batch
     samples = _random_samples(source, specs, dataset, opts.samples)
-    batches = verification_batches(
-        specs,
-        dynamic=dynamic,
-        samples=samples,
-        dataset=dataset,
-        sizes=ONNX_BATCHES if source.is_onnx else (SMALL_BATCH, LARGE_BATCH),
-    )
     n_random = samples if dataset is not None else max(samples, 1)
-    prep = Prepared(source, specs, dataset, dynamic, batches, n_random, source.is_onnx)
+    prep = Prepared(source, specs, dataset, dynamic, [], n_random, source.is_onnx)
     prep.samples = samples
     prep.model_dtype = _model_dtype(source)
     prep.original_path = str(source.path)
@@ -115,8 +109,8 @@ def _model_dtype(source) -> str | None:
 
 
 def profile_batches(prep: Prepared, profile: InputProfile) -> None:
-    """Make the batches again with what the model's profile says: inputs drawn from an input
-    BN's statistics, and random batches as large as the model can afford."""
+    """Make the batches with what the model's profile says: inputs drawn from an input BN's
+    statistics, and random batches as large as the model can afford."""
     if prep.onnx_in:
         sizes = (*ONNX_BATCHES, max(ONNX_BATCHES[-1], profile.batch_size()))
     else:

@@ -11,7 +11,7 @@ from bnexport.errors import BadInputError, summarize_exception
 from bnexport.export import describe_onnx
 from bnexport.files import all_or_nothing
 from bnexport.input_profile import onnx_profile, program_profile
-from bnexport.inputs import example_inputs, verification_batches
+from bnexport.inputs import example_inputs
 from bnexport.report import RunReport
 from bnexport.runs.check import verify_output
 from bnexport.runs.labels import check_labels
@@ -68,12 +68,9 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
 
 
 def _follow_static_batch(prep: Prepared, info, opts: RunOptions) -> None:
-    """A file with a fixed batch is run at that batch only."""
+    """A file with a fixed batch is run at that batch only (the batches are made after)."""
     if info.dynamic_batch:
         return
     prep.dynamic = False
     if info.batch_size and not opts.input_shapes:
         prep.specs = [replace(s, shape=s.with_batch(info.batch_size)) for s in prep.specs]
-    prep.batches = verification_batches(
-        prep.specs, dynamic=False, samples=opts.samples, dataset=prep.dataset
-    )
