@@ -156,13 +156,16 @@ def track_reduce(axes: list[int], keepdims: bool, tr: Tracked, what: str = "aver
     return Tracked(tr.axis - (0 if keepdims else sum(a < tr.axis for a in axes)), tr.labels)
 
 
-def preceding_channel_of(tr: Tracked, out_channels: int, bn_channels: int) -> np.ndarray | str:
+def preceding_channel_of(
+    tr: Tracked, out_channels: int, bn_channels: int, bn_axis: int = 1
+) -> np.ndarray | str:
     """Map each layer output channel to its BN channel, from the labels tracked to the BN's
-    input; or say why the BN channels are not a function of the layer channels."""
+    input (whose channels are on `bn_axis`); or say why the BN channels are not a function of
+    the layer channels."""
     if bn_channels == 1:
         return np.zeros(out_channels, dtype=np.int64)  # one affine for every element
-    if tr.axis != 1:
-        return f"the BN normalizes axis 1 but the layer's channels arrive on axis {tr.axis}"
+    if tr.axis != bn_axis:
+        return f"the BN normalizes axis {bn_axis} but the layer's channels arrive on axis {tr.axis}"
     flat = tr.labels.ravel()
     if tr.labels.shape[0] != bn_channels or not np.array_equal(
         np.sort(flat), np.arange(out_channels)
