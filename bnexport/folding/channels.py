@@ -45,6 +45,8 @@ _RESHAPE = {
     aten.squeeze.default,
     aten.squeeze.dim,
     aten.squeeze.dims,
+    aten.reshape_as.default,
+    aten.view_as.default,
 }
 _COPYING_PADS = {
     aten.reflection_pad1d.default,
@@ -67,6 +69,26 @@ _AVG_POOL = {
     aten.avg_pool2d.default: 2,
     aten.avg_pool3d.default: 3,
 }
+
+
+# positively homogeneous, f(a x) = a f(x) for a > 0: a positive per-channel scale passes them
+_HOMOGENEOUS = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.leaky_relu.default,
+    aten.leaky_relu_.default,
+    aten.prelu.default,
+    aten._prelu_kernel.default,
+}
+_MAX_POOL = {
+    aten.max_pool1d.default: 1,
+    aten.max_pool2d.default: 2,
+    aten.max_pool3d.default: 3,
+}
+
+
+def is_homogeneous_op(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in _HOMOGENEOUS or node.target in _MAX_POOL)
 
 
 @dataclass
@@ -206,7 +228,11 @@ def step(node: fx.Node, tr: Tracked) -> Tracked:
     src = _shape(node.args[0])
     dst = _shape(node)
     ndim = len(src)
-    if t in _IDENTITY:
+    if t in _IDENTITY or t in _HOMOGENEOUS:
+        return tr
+    if t in _MAX_POOL:
+        if tr.axis >= ndim - _MAX_POOL[t]:
+            raise NotTransparent("it pools over the channel axis")
         return tr
     if t in _DROPOUT:
         if node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False):

@@ -111,7 +111,7 @@ def _describe(steps: list[_Step], g: OnnxGraph) -> tuple[str, str]:
         if producer is not None
         else f"on the input '{steps[0].data.name}'"
     )
-    return f"{kind} {where} ({node_name(steps[0].node)})", kind
+    return f"{kind} {where}", kind
 
 
 def match_affine_chains(g: OnnxGraph) -> list[AffineSite]:
@@ -146,6 +146,8 @@ def match_affine_chains(g: OnnxGraph) -> list[AffineSite]:
         if axis is None:  # a map by scalars: any axis carries it; the last is the layers' own
             axis = len(g.shape(first.data)) - 1
         name, kind = _describe(steps, g)
+        taken = sum(site.name == name or site.name.startswith(f"{name} (") for site in sites)
+        name = f"{name} ({taken + 1})" if taken else name
         index = list(node.inputs).index(first.data)
         nodes = [st.node for st in steps]
         sites.append(AffineSite(nodes, name, kind, channels, axis, index, s, t))

@@ -247,6 +247,8 @@ def into_following(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
         problem = positive_scale_reason(bn.s, g.describe(nonlinear[0]))
         if problem:
             return refuse(problem)
+    if shift_kept and not bool(bn.t.any()):
+        shift_kept = False  # no shift to keep (a layer scale): the scale alone folds
     if shift_kept and g.shape(bn.input) is None:
         return refuse(
             f"the rank of its input is unknown, so its shift cannot be kept as an Add before "
