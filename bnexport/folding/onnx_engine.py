@@ -62,7 +62,7 @@ from bnexport.folding.onnx_rewrite import (
     rewire,
     rewire_with_add,
 )
-from bnexport.folding.onnx_sites import BN_OP, AffineSite, match_batchnorm, match_layer
+from bnexport.folding.onnx_sites import BN_OP, AffineSite, LayerSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
 from bnexport.report import FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
@@ -81,6 +81,7 @@ class _Fold:
     plans: list[OnnxFoldPlan]
     copy_weight: bool = False
     copy_bias: bool = False
+    branches: bool = False  # one map into several layers (a plan each), removed once
 
 
 class _Folder:
@@ -117,6 +118,12 @@ class _Folder:
         refusals = []
         for direction in (PRECEDING, FOLLOWING):
             outcome = self._plan(site, direction)
+            if isinstance(outcome, list):
+                fold = self._resolve_branches(outcome)
+                if isinstance(fold, _Fold):
+                    self._fold(fold, node)
+                    return
+                outcome = Refusal(direction, fold)
             if isinstance(outcome, OnnxFoldPlan):
                 fold = self._resolve(outcome)
                 if isinstance(fold, _Fold):
@@ -163,6 +170,20 @@ class _Folder:
         if isinstance(fold, str):
             return fold
         return self._check(fold.plans) or fold
+
+    def _resolve_branches(self, plans: list[OnnxFoldPlan]) -> _Fold | str:
+        """One map into several layers, each called once; or why not."""
+        for plan in plans:
+            layer = plan.layer
+            if len(weight_calls(layer.weight)) > 1 or reads_twice(layer.node, layer.weight):
+                return (
+                    f"the weight of {layer.name} serves several calls, and a fold into several "
+                    "layers at once takes layers called once"
+                )
+            reason = shared_reason(layer, self.g)
+            if reason:
+                return reason
+        return self._check(plans) or _Fold(plans, branches=True)
 
     def _shared_fold(self, plan: OnnxFoldPlan, calls: list[ir.Node]) -> _Fold | str:
         """A weight read by several nodes: one fold for every call when each has a BN on the
@@ -259,18 +280,20 @@ class _Folder:
 
     # ------------------------------------------------------------------ folding
     def _fold(self, fold: _Fold, node: ir.Node) -> None:
-        """Rewire every BN of the fold and record its affine once for the weight."""
+        """Rewire every map of the fold and record its affine once for each weight."""
         g = self.g
         plans, added = self._copy(fold) if fold.copy_weight or fold.copy_bias else (fold.plans, 0)
-        first = plans[0]
-        weight = first.layer.weight
-        folds = self.pending.get(weight)
-        if folds is None:
-            folds = self.pending[weight] = LayerFolds({p.layer.node: p.layer for p in plans})
-        s, t = self._mapped(first)
-        folds.affines.append(Affine(first.direction, s, t, first.shift_kept))
-        for p in plans:
-            check = self._check_point(p)
+        for member in plans if fold.branches else plans[:1]:
+            folds = self.pending.get(member.layer.weight)
+            if folds is None:
+                calls = plans if not fold.branches else [member]
+                folds = self.pending[member.layer.weight] = LayerFolds(
+                    {p.layer.node: p.layer for p in calls}
+                )
+            s, t = self._mapped(member)
+            folds.affines.append(Affine(member.direction, s, t, member.shift_kept))
+        for p in plans[:1] if fold.branches else plans:
+            check = self._check_point(p, [q.layer for q in plans] if fold.branches else None)
             if p.shift_kept:
                 u64 = self._shift(p).numpy()
                 shift = rewire_with_add(p, u64.astype(p.layer.weight_array.dtype), g)
@@ -278,24 +301,26 @@ class _Folder:
                     self.exact[shift.name] = u64.reshape(shift.const_value.shape.dims)
             else:
                 rewire(p, g)
+            into = ", ".join(q.layer.name for q in plans) if fold.branches else p.layer.name
             self.decided[p.bn.node] = FoldDecision(
                 name=p.bn.name,
                 kind=p.bn.kind,
                 batchnorm=p.bn.is_batchnorm,
                 status=FOLDED,
-                into=p.layer.name,
+                into=into,
                 direction=p.direction,
                 channels=p.bn.channels,
                 shift_kept=p.shift_kept,
-                shared_calls=len(plans),
+                shared_calls=1 if fold.branches else len(plans),
                 bytes_added=added if p.bn.node is node else 0,
                 check=check,
             )
         self._plans.clear()
 
-    def _check_point(self, p: OnnxFoldPlan) -> CheckPoint:
+    def _check_point(self, p: OnnxFoldPlan, layers: list[LayerSite] | None = None) -> CheckPoint:
         """Where the fold of `p` is checked, by the graph's value names, recorded before the
-        graph is rewired; notes in the report what the fold makes the names mean."""
+        graph is rewired; notes in the report what the fold makes the names mean. `layers`:
+        every layer the map folds into (`p`'s by default)."""
         x, y = p.bn.input, p.bn.output
         out = p.layer.output.name
         if p.direction != PRECEDING:
@@ -307,16 +332,22 @@ class _Folder:
         else:
             kept = x.name
             self.report.aliases[x.name] = y.name
-        between, value = [], x
-        while value.name != out and value.producer() is not None and len(between) < 64:
+        # what lies between the layers and the map holds values the original never had
+        outputs = {layer.output.name for layer in layers or [p.layer]}
+        between: set[str] = set()
+        todo = [x]
+        while todo and len(between) < 256:
+            value = todo.pop()
             producer = value.producer()
-            if not producer.inputs or producer.inputs[0] is None:
-                break
-            value = producer.inputs[0]
-            between.append(value.name)
-        if value.name == out:
+            if value.name in outputs or producer is None or producer.graph is not self.g.graph:
+                continue
+            for v in producer.inputs:
+                if v is not None and v.producer() is not None and v.name not in between:
+                    between.add(v.name)
+                    todo.append(v)
+        if outputs <= between:
             self.report.changed.update(between)
-        return CheckPoint(kept, y.name, 1)
+        return CheckPoint(kept, y.name, p.bn.axis)
 
     def _copy(self, fold: _Fold) -> tuple[list[OnnxFoldPlan], int]:
         """Give the fold's calls their own copy of the weight and/or bias; return the plans on
