@@ -41,7 +41,7 @@ import torch
 from bnexport.folding import math as fm
 from bnexport.folding.checks import check_statistics
 from bnexport.folding.onnx_affines import match_affine_chains
-from bnexport.folding.onnx_graph import OnnxGraph, is_onnx_op, node_name
+from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
 from bnexport.folding.onnx_patterns import (
     PATTERNS,
     OnnxFoldPlan,
@@ -65,7 +65,7 @@ from bnexport.folding.onnx_rewrite import (
 from bnexport.folding.onnx_sites import BN_OP, AffineSite, LayerSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
-from bnexport.report import FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
+from bnexport.report import COMPUTED, FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
 
 KIND = "BatchNormalization"
 
@@ -447,6 +447,7 @@ def fold_onnx_model(
     """
     g = OnnxGraph(model)
     report = FoldReport()
+    computed = _compute_constant_batchnorms(g)
     sites: dict[ir.Node, AffineSite | str] = {}
     for node in g.graph:
         if is_onnx_op(node, BN_OP):
@@ -467,11 +468,62 @@ def fold_onnx_model(
         for node in order
         if folder.decided[node].folded or not _scalar_arithmetic(sites[node])
     )
+    report.decisions.extend(computed)
     for node, reason in _nested_batchnorms(model):
         report.decisions.append(
             FoldDecision(name=node_name(node), kind=KIND, status=LEFT, reason=reason)
         )
     return report
+
+
+def _batchnorm_of_constants(node: ir.Node, g: OnnxGraph) -> np.ndarray | None:
+    """A BatchNormalization's output when its input and parameters are constants, in float64
+    cast once to the input's dtype: y = scale (x - mean) / sqrt(var + eps) + bias on axis 1,
+    with the statistics of x itself (biased variance) in training mode."""
+    arrays = [g.constant(v) for v in node.inputs[:5]]
+    if any(a is None for a in arrays) or not np.issubdtype(arrays[0].dtype, np.floating):
+        return None
+    x, scale, bias, mean, var = (a.astype(np.float64) for a in arrays)
+    if x.ndim < 2 or any(a.shape != (x.shape[1],) for a in (scale, bias, mean, var)):
+        return None
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    if int(attr(node, "training_mode", 0)):
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    shape = (-1,) + (1,) * (x.ndim - 2)
+    eps = float(attr(node, "epsilon", 1e-5))
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return (y * scale.reshape(shape) + bias.reshape(shape)).astype(arrays[0].dtype)
+
+
+def _compute_constant_batchnorms(g: OnnxGraph) -> list[FoldDecision]:
+    """Replace every BatchNormalization whose input is constant (a weight standardized in the
+    graph, as NF-ResNet's ScaledStdConv2d does) by its value, computed once."""
+    decisions = []
+    for node in [n for n in g.graph if is_onnx_op(n, BN_OP)]:
+        y = node.outputs[0]
+        if g.constant(node.inputs[0]) is None or y.is_graph_output():
+            continue
+        if any(o is not None and (o.uses() or o.is_graph_output()) for o in node.outputs[1:]):
+            continue
+        value = _batchnorm_of_constants(node, g)
+        if value is None:
+            continue
+        init = new_initializer(g, f"{node_name(node)}_computed", value)
+        ir.convenience.replace_all_uses_with(y, init)
+        inputs = list(node.inputs)
+        g.graph.remove(node, safe=True)
+        for v in inputs:
+            drop_if_unused(v, g)
+        decisions.append(
+            FoldDecision(
+                name=node_name(node),
+                kind=KIND,
+                status=FOLDED,
+                direction=COMPUTED,
+                channels=int(value.shape[1]) if value.ndim > 1 else None,
+            )
+        )
+    return decisions
 
 
 def _scalar_arithmetic(site: AffineSite | str) -> bool:
