@@ -326,6 +326,17 @@ class _Folder:
         if p.direction != PRECEDING:
             if p.shift_kept:
                 self.report.changed.add(y.name)  # the Add of the shift takes the BN's name
+            # the ops between the map and the layers now carry values without the map
+            ends = {layer.node for layer in layers or [p.layer]}
+            todo = [y]
+            while todo:
+                for user in self.g.consumers(todo.pop()):
+                    if user in ends or user.graph is not self.g.graph:
+                        continue
+                    for o in user.outputs:
+                        if o is not None and o.name not in self.report.changed:
+                            self.report.changed.add(o.name)
+                            todo.append(o)
             return CheckPoint(out, out, p.layer.out_axis)
         if y.is_graph_output():
             kept = y.name  # the BN's input takes over the output's name

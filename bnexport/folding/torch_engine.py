@@ -519,6 +519,17 @@ def _check_point(
     bn = plan.bn
     layers = layers or [plan.layer.node]
     if plan.direction != PRECEDING:
+        # the ops between the BN and the layers now carry values without the BN
+        todo = [bn.node]
+        while todo:
+            for user in data_users(todo.pop()):
+                if (
+                    user not in layers
+                    and user.op == "call_function"
+                    and user.name not in report.changed
+                ):
+                    report.changed.add(user.name)
+                    todo.append(user)
         return CheckPoint(layers[0].name, layers[0].name, plan.layer.out_axis)
     # the BN's input (the layer's output, a reshape or a concatenation of layer outputs) now
     # stands for the BN's output, and what lies between the layers and it holds values the
