@@ -115,12 +115,16 @@ def _verdict(
 
 def program_capture_names(program) -> set[str]:
     """The tensors of a torch.export program that a check may need: the user inputs, every
-    BN call's input and output, and every conv/linear layer's input and output."""
+    BN call's and other affine map's input and output, and every conv/linear layer's input
+    and output."""
+    from bnexport.folding.affines import ConstantValues, affine_calls
     from bnexport.folding.program_state import ProgramState
     from bnexport.folding.sites import match_batchnorm, match_layer
 
     state = ProgramState(program, copy_graph=False)
     names = set(program.graph_signature.user_inputs)
+    for call in affine_calls(state.graph, ConstantValues(state)):
+        names.update((call.input.name, call.node.name))
     for node in state.graph.nodes:
         if node.op != "call_function":
             continue

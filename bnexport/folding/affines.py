@@ -142,14 +142,18 @@ def _same_dim(p, q) -> bool:
 
 
 def _name_and_kind(steps: list[_Step]) -> tuple[str, str]:
-    """A frozen-BN module's path and class (`layer1.0.bn1`, `FrozenBatchNorm2d`), or what the
-    chain is and where (`mul and add after conv2d_5`)."""
+    """A module whose forward is the whole map, by path and class (`layer1.0.bn1`,
+    `FrozenBatchNorm2d`); otherwise what the chain is and where (`mul after permute_1 in
+    stages.0`, `mul`)."""
     path, cls = module_scope(steps[-1].node)
-    if path and cls and all(module_scope(s.node)[0] == path for s in steps):
+    inside = all(module_scope(s.node)[0] == path for s in steps)
+    source = module_scope(steps[0].data)[0] if steps[0].data.op == "call_function" else None
+    outside = source is None or (source != path and not source.startswith(f"{path}."))
+    if path and cls and inside and outside:
         return path, cls
-    ops = list(dict.fromkeys(_ARITH[s.node.target] for s in steps))
-    kind = " and ".join(ops)
-    return f"{kind} after {steps[0].data.name}", kind
+    kind = " and ".join(dict.fromkeys(_ARITH[s.node.target] for s in steps))
+    where = f" in {path}" if path else ""
+    return f"{kind} after {steps[0].data.name}{where}", kind
 
 
 def match_affine(node: fx.Node, constants: ConstantValues) -> BatchNormCall | None:
