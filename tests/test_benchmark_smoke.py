@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +90,26 @@ def test_quick_verification_benchmark(tmp_path):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2:5] == ["PASS", "PASS", "PASS"]
     assert float(cells[-1]) <= 1e-3  # the smallest defect caught
+
+
+@pytest.mark.slow
+def test_affine_maps_quick():
+    """The affine-maps benchmark's quick mode runs in its own process and prints a table row
+    for bnexport on each of its two models (a tf2onnx file and a torch model)."""
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "affine_maps.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if "| bnexport |" in line]
+    expected = {"keras_preact_mix", "preact_resnet18_w16"}
+    if not (root.parent / "shared" / "tf2onnx" / "keras_preact_mix.onnx").is_file():
+        expected.remove("keras_preact_mix")  # the tf2onnx exports are not next to this checkout
+    assert {r[0].strip() for r in rows} == expected
+    for r in rows:
+        assert r[2].strip().isdigit(), r  # affine nodes left, counted in bnexport's file
