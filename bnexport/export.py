@@ -48,6 +48,13 @@ def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, objec
     return meta
 
 
+def _check_point(fields: dict) -> CheckPoint:
+    """A check point read back from a file's metadata (keys a later version added are
+    ignored)."""
+    known = {"export_value", "original_value", "axis", "layer_value"}
+    return CheckPoint(**{k: v for k, v in fields.items() if k in known})
+
+
 def recorded_folds(path: str | Path) -> FoldReport | None:
     """The folds an ONNX file written by bnexport records in its metadata (where each is
     checked, what its tensor names mean), or None for a file without them."""
@@ -73,7 +80,7 @@ def recorded_folds(path: str | Path) -> FoldReport | None:
                     into=entry.get("into"),
                     direction=entry.get("direction"),
                     shift_kept=bool(entry.get("shift_kept")),
-                    check=None if check is None else CheckPoint(**check),
+                    check=None if check is None else _check_point(check),
                 )
             )
     except (ValueError, KeyError, TypeError):

@@ -43,9 +43,10 @@ def cut_layers(
     for d in report.folded:
         if d.check is None:
             continue
-        piece = _cut(
-            export, d.check.export_value, producers, initializers, graph_inputs, report, available
-        )
+        value = d.check.export_value
+        if value not in producers and d.check.layer_value in producers:
+            value = d.check.layer_value  # the reshapes after the layer were merged away
+        piece = _cut(export, value, producers, initializers, graph_inputs, report, available)
         if isinstance(piece, str):
             unmapped.append({"name": d.name, "reason": piece})
             continue

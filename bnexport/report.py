@@ -53,6 +53,9 @@ class CheckPoint:
     export_value: str
     original_value: str
     axis: int = 1
+    # the layer's own output, when only reshapes stand between it and `export_value` (an
+    # exporter may merge them away): checked in its place, reshaped to the original's shape
+    layer_value: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,6 +48,9 @@ _RESHAPE = {
     aten.reshape_as.default,
     aten.view_as.default,
 }
+# reshapes keep the row-major order of the elements
+RESHAPES = frozenset(_RESHAPE)
+
 _COPYING_PADS = {
     aten.reflection_pad1d.default,
     aten.reflection_pad2d.default,

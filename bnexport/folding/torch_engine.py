@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from bnexport.folding.affines import ConstantValues, affine_calls, match_affine
-from bnexport.folding.channels import is_transparent_op
+from bnexport.folding.channels import RESHAPES, is_transparent_op
 from bnexport.folding.checks import check_batchnorm_state
 from bnexport.folding.math import (
     F64,
@@ -547,7 +547,13 @@ def _check_point(
                 todo.append(arg)
     if all(layer.name in between for layer in layers):
         report.changed.update(between)
-    return CheckPoint(bn.input.name, bn.node.name, bn.axis)
+    layer_value = None
+    node = bn.input
+    while node is not plan.layer.node and node.op == "call_function" and node.target in RESHAPES:
+        node = node.args[0]
+    if node is plan.layer.node and node is not bn.input and len(layers) == 1:
+        layer_value = node.name
+    return CheckPoint(bn.input.name, bn.node.name, bn.axis, layer_value)
 
 
 def batchnorm_calls(graph: fx.Graph) -> list[BatchNormCall]:
