@@ -549,8 +549,13 @@ def _check_point(
         report.changed.update(between)
     layer_value = None
     node = bn.input
-    while node is not plan.layer.node and node.op == "call_function" and node.target in RESHAPES:
-        node = node.args[0]
+    while node is not plan.layer.node and node.op == "call_function":
+        if node.target in RESHAPES:
+            node = node.args[0]
+        elif node.target is aten.cat.default and len(node.args[0]) == 1:
+            node = node.args[0][0]  # a concatenation of one tensor: exporters drop it
+        else:
+            break
     if node is plan.layer.node and node is not bn.input and len(layers) == 1:
         layer_value = node.name
     return CheckPoint(bn.input.name, bn.node.name, bn.axis, layer_value)
