@@ -9,7 +9,9 @@ moved into place together. `onnx.checker` accepts the file before it is moved in
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +98,38 @@ def count_batchnorm_nodes(model) -> int:
         for graph in graphs
         for node in ir.traversal.RecursiveGraphIterator(graph)
     )
+
+
+def count_ops(model) -> dict[str, int]:
+    """Nodes of the main graph by op_type (an onnx_ir model or an onnx ModelProto)."""
+    from onnxscript import ir
+
+    nodes = model.graph if isinstance(model, ir.Model) else model.graph.node
+    return dict(Counter(node.op_type for node in nodes))
+
+
+# A fold kind that names its ops ("Mul and Add") removed those; a BatchNorm's kind does not.
+_OP_LIST = re.compile(r"[A-Z][A-Za-z0-9]*(?: and [A-Z][A-Za-z0-9]*)*")
+
+
+def _ops_of_fold(kind: str) -> list[str]:
+    """The nodes one folded affine map stood for in the graph before the fold."""
+    if "batchnorm" in kind.lower().replace("_", "") or not _OP_LIST.fullmatch(kind):
+        return ["BatchNormalization"]
+    return kind.split(" and ")
+
+
+def ops_before_fold(after: dict[str, int], fold: FoldReport) -> dict[str, int]:
+    """The op counts of an exported graph with every fold of `fold` undone: each folded BN
+    back as the one BatchNormalization node it exports as, each Add that keeps a shift
+    (`shift_kept`) gone. For a checkpoint this is the graph `torch.onnx.export` makes of the
+    original, without exporting it a second time."""
+    before = Counter(after)
+    for d in fold.folded:
+        before.update(_ops_of_fold(d.kind or ""))
+        if d.shift_kept:
+            before["Add"] -= 1
+    return {op: n for op, n in before.items() if n > 0}
 
 
 def _external_files(model) -> list[str]:
