@@ -142,8 +142,8 @@ def _first_difference(v: VerifyResult) -> str:
         o = failed[0]
         others = f" (and {len(failed) - 1} other outputs)" if len(failed) > 1 else ""
         parts.append(
-            f"output {o.name} differs by {fmt(o.max_abs_err)}, tolerance "
-            f"{fmt(v.tolerance(o))}{others}"
+            f"output '{o.name}' differs by {fmt(o.max_abs_err)} (tolerance "
+            f"{fmt(v.tolerance(o))}){others}"
         )
     first = v.first_failed_layer
     if first is not None:
