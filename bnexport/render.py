@@ -523,21 +523,20 @@ def inspect_summary(report) -> str:
 
 def render_inspect(report, console: Console, detail: str = DEFAULT) -> None:
     """The verdict line; then (unless QUIET) one summary line, the BNs `fold` would leave
-    grouped by reason, and the flagged BNs, the stale ones first (VERBOSE: every BN in the
+    grouped by reason, and the flagged BNs, the stale ones first (VERBOSE: every BN, in the
     order the model calls them)."""
     _print(console, f"verdict: {report.verdict}")
     if detail == QUIET:
         return
     _print(console, inspect_summary(report))
     with_data = report.data is not None
-    if detail != VERBOSE:
-        decisions = [
-            (b.name, b.fold.get("status"), b.fold.get("reason"))
-            for b in report.batchnorm
-            if b.fold.get("status") not in (None, "folded")
-        ]
-        for line in _group_lines(decisions):
-            _print(console, line)
+    decisions = [
+        (b.name, b.fold.get("status"), b.fold.get("reason"))
+        for b in report.batchnorm
+        if b.fold.get("status") not in (None, "folded")
+    ]
+    for line in _group_lines(decisions):  # the table's fold column gives no reason
+        _print(console, line)
     header = ("BatchNorm", "ch", "s min..max", "flags", "fold")
     if with_data:
         header += ("mean_shift", "var_ratio")
