@@ -180,8 +180,8 @@ def main() -> None:
     "--opset",
     type=click.IntRange(13, 25),
     default=DEFAULT_OPSET,
-    show_default=True,
-    help="ONNX opset version.",
+    help="ONNX opset of the export (default: torch.onnx's own, 20 with torch 2.13; an ONNX "
+    "input keeps its own).",
 )
 @click.option(
     "--save-folded",

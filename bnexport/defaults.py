@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-DEFAULT_OPSET = 18
+# None: the export takes torch.onnx's own default opset (20 with torch 2.13), unless --opset
+DEFAULT_OPSET: int | None = None
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-5
 DEFAULT_SAMPLES = 4

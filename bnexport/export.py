@@ -177,7 +177,7 @@ def describe_onnx(path: str | Path) -> OnnxInfo:
     return describe_model(ir.load(str(path)), path)
 
 
-def to_onnx_program(program: torch.export.ExportedProgram, *, opset: int = DEFAULT_OPSET):
+def to_onnx_program(program: torch.export.ExportedProgram, *, opset: int | None = DEFAULT_OPSET):
     """`torch.onnx.export` of an already traced program (no second trace)."""
     import torch
 
@@ -278,7 +278,7 @@ def export_program(
     program: torch.export.ExportedProgram,
     path: str | Path,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = DEFAULT_OPSET,
     metadata: dict[str, object] | None = None,
     external_data: bool | None = None,
     threshold: int = EXTERNAL_DATA_THRESHOLD,
@@ -299,7 +299,7 @@ def export_onnx(
     path: str | Path,
     example_inputs: tuple | None = None,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     metadata: dict[str, object] | None = None,
     external_data: bool | None = None,

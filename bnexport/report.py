@@ -78,6 +78,7 @@ class FoldDecision:
     shared_calls: int = 1
     bytes_added: int = 0
     check: CheckPoint | None = field(default=None, repr=False)  # where the fold is checked
+    batchnorm: bool = True  # False for another frozen affine map (Mul/Add by constants, ...)
 
     @property
     def folded(self) -> bool:
@@ -161,9 +162,16 @@ class FoldReport:
 
     def summary(self) -> str:
         """One line, counting exactly what the JSON counts."""
-        line = (
-            f"BatchNorm: {self.called} before, {len(self.left)} after ({len(self.folded)} folded)"
-        )
+        bns = [d for d in self.folded + self.left if d.batchnorm]
+        left = sum(not d.folded for d in bns)
+        line = f"BatchNorm: {len(bns)} before, {left} after ({len(bns) - left} folded)"
+        maps = [d for d in self.folded + self.left if not d.batchnorm]
+        if maps:
+            kept = sum(not d.folded for d in maps)
+            line += (
+                f"; other affine maps (Mul/Add by constants, frozen BNs, layer scales): "
+                f"{len(maps)} before, {kept} after ({len(maps) - kept} folded)"
+            )
         if self.adds_added:
             plural = "s" if self.adds_added != 1 else ""
             line += f"; {self.adds_added} shift{plural} kept as Add node{plural}"
@@ -174,8 +182,10 @@ class FoldReport:
         return line
 
     def to_dict(self) -> dict[str, Any]:
-        """`total` = folded + len(left) + len(unused); `left` are the BNs the export still
-        runs."""
+        """`total` = folded + len(left) + len(unused), over BNs and other affine maps alike;
+        `left` are the maps the export still runs; `affine_maps` counts the maps that are
+        not BatchNorm (each row of `layers` says which it is in `batchnorm`)."""
+        maps = [d for d in self.decisions if not d.batchnorm]
         return {
             "total": self.total,
             "folded": len(self.folded),
@@ -183,6 +193,7 @@ class FoldReport:
             "bytes_added": self.bytes_added,
             "left": [{"name": d.name, "reason": d.reason} for d in self.left],
             "unused": [{"name": d.name, "reason": d.reason} for d in self.unused],
+            "affine_maps": {"total": len(maps), "folded": sum(d.folded for d in maps)},
             "layers": [_decision_dict(d) for d in self.decisions],
             "warnings": list(self.warnings),
         }

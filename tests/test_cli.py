@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
+from torch.onnx._constants import ONNX_DEFAULT_OPSET
 
 from bnexport.cli import main
 
@@ -80,7 +81,9 @@ def test_fold_writes_verified_onnx_and_json(cnn_pt2, tmp_path):
     assert set(data) >= {"model", "output", "batchnorm", "onnx", "verify"}
     assert data["batchnorm"]["total"] == 2 and data["batchnorm"]["folded"] == 2
     assert data["batchnorm"]["left"] == []
-    assert data["onnx"] == {**data["onnx"], "path": str(out), "opset": 18, "batchnorm_nodes": 0}
+    # the export follows torch.onnx's own default opset
+    expected = {"path": str(out), "opset": ONNX_DEFAULT_OPSET, "batchnorm_nodes": 0}
+    assert data["onnx"] == {**data["onnx"], **expected}
     v = data["verify"]
     assert v["passed"] is True and v["samples"] == 2
     assert isinstance(v["max_abs_err"], float) and 0 <= v["max_rel_err"] < 1e-4
@@ -91,6 +94,15 @@ def test_fold_writes_verified_onnx_and_json(cnn_pt2, tmp_path):
     folded = json.loads(meta["bnexport_folded"])
     assert {f["name"] for f in folded} == {"bn", "head_bn"}
     assert meta["bnexport_version"]
+
+
+def test_opset_option_sets_the_export_opset(cnn_pt2, tmp_path):
+    out = tmp_path / "m17.onnx"
+    result = _invoke("fold", cnn_pt2, "-o", out, "--opset", "18", "--samples", "1")
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    assert "opset 18" in result.output
 
 
 def test_default_output_is_next_to_model_and_input_untouched(cnn_pt2, tmp_path):

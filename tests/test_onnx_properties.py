@@ -755,8 +755,14 @@ def res_bn_exported(draw, g: Builder, x: T) -> T:
 
 
 def res_preact(draw, g: Builder, x: T) -> T:
-    """x -> BN -> Relu -> Conv -> Add(x): the BN must stay."""
-    b = g.bn(x.name, x.channels, LEFT)
+    """x -> BN -> Relu -> Conv -> Add(x) (a pre-activation block): with every scale positive
+    the scale passes the Relu into the conv and the shift stays as an Add; with a scale <= 0
+    the BN must stay."""
+    values = g.bn_values(x.channels)
+    if draw(st.booleans()):
+        values[0] = np.abs(values[0])
+    expect = FOLDED if (values[0] > 0).all() else LEFT
+    b = g.bn(x.name, x.channels, expect, values=values)
     c = _same_conv(draw, g, T(g.node("Relu", [b]), x.shape), x.channels, 3, 1)
     return T(g.node("Relu", [g.node("Add", [x.name, c.name])]), x.shape)
 

@@ -45,6 +45,8 @@ _RESHAPE = {
     aten.squeeze.default,
     aten.squeeze.dim,
     aten.squeeze.dims,
+    aten.reshape_as.default,
+    aten.view_as.default,
 }
 _COPYING_PADS = {
     aten.reflection_pad1d.default,
@@ -67,6 +69,26 @@ _AVG_POOL = {
     aten.avg_pool2d.default: 2,
     aten.avg_pool3d.default: 3,
 }
+
+
+# positively homogeneous, f(a x) = a f(x) for a > 0: a positive per-channel scale passes them
+_HOMOGENEOUS = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.leaky_relu.default,
+    aten.leaky_relu_.default,
+    aten.prelu.default,
+    aten._prelu_kernel.default,
+}
+_MAX_POOL = {
+    aten.max_pool1d.default: 1,
+    aten.max_pool2d.default: 2,
+    aten.max_pool3d.default: 3,
+}
+
+
+def is_homogeneous_op(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in _HOMOGENEOUS or node.target in _MAX_POOL)
 
 
 @dataclass
@@ -156,13 +178,16 @@ def track_reduce(axes: list[int], keepdims: bool, tr: Tracked, what: str = "aver
     return Tracked(tr.axis - (0 if keepdims else sum(a < tr.axis for a in axes)), tr.labels)
 
 
-def preceding_channel_of(tr: Tracked, out_channels: int, bn_channels: int) -> np.ndarray | str:
+def preceding_channel_of(
+    tr: Tracked, out_channels: int, bn_channels: int, bn_axis: int = 1
+) -> np.ndarray | str:
     """Map each layer output channel to its BN channel, from the labels tracked to the BN's
-    input; or say why the BN channels are not a function of the layer channels."""
+    input (whose channels are on `bn_axis`); or say why the BN channels are not a function of
+    the layer channels."""
     if bn_channels == 1:
         return np.zeros(out_channels, dtype=np.int64)  # one affine for every element
-    if tr.axis != 1:
-        return f"the BN normalizes axis 1 but the layer's channels arrive on axis {tr.axis}"
+    if tr.axis != bn_axis:
+        return f"the BN normalizes axis {bn_axis} but the layer's channels arrive on axis {tr.axis}"
     flat = tr.labels.ravel()
     if tr.labels.shape[0] != bn_channels or not np.array_equal(
         np.sort(flat), np.arange(out_channels)
@@ -203,7 +228,11 @@ def step(node: fx.Node, tr: Tracked) -> Tracked:
     src = _shape(node.args[0])
     dst = _shape(node)
     ndim = len(src)
-    if t in _IDENTITY:
+    if t in _IDENTITY or t in _HOMOGENEOUS:
+        return tr
+    if t in _MAX_POOL:
+        if tr.axis >= ndim - _MAX_POOL[t]:
+            raise NotTransparent("it pools over the channel axis")
         return tr
     if t in _DROPOUT:
         if node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False):

@@ -40,6 +40,7 @@ import torch
 
 from bnexport.folding import math as fm
 from bnexport.folding.checks import check_statistics
+from bnexport.folding.onnx_affines import match_affine_chains
 from bnexport.folding.onnx_graph import OnnxGraph, is_onnx_op, node_name
 from bnexport.folding.onnx_patterns import (
     PATTERNS,
@@ -61,7 +62,7 @@ from bnexport.folding.onnx_rewrite import (
     rewire,
     rewire_with_add,
 )
-from bnexport.folding.onnx_sites import BN_OP, BatchNormSite, match_batchnorm, match_layer
+from bnexport.folding.onnx_sites import BN_OP, AffineSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
 from bnexport.report import FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
@@ -99,15 +100,7 @@ class _Folder:
         self.sites = sites
         self.duplicate_shared = duplicate_shared
         self.affine = {
-            node: fm.bn_scale_shift(
-                fm.array_f64(site.mean),
-                fm.array_f64(site.var),
-                fm.array_f64(site.scale),
-                fm.array_f64(site.bias),
-                site.eps,
-            )
-            for node, site in sites.items()
-            if isinstance(site, BatchNormSite)
+            node: (site.s, site.t) for node, site in sites.items() if isinstance(site, AffineSite)
         }
         self.pending: dict[ir.Value, LayerFolds] = {}
         self.decided: dict[ir.Node, FoldDecision] = {}
@@ -133,10 +126,15 @@ class _Folder:
             refusals.append(outcome)
         reason = "; ".join(f"{r.direction}: {r.reason}" for r in refusals)
         self.decided[node] = FoldDecision(
-            name=site.name, kind=KIND, status=LEFT, reason=reason, channels=site.channels
+            name=site.name,
+            kind=site.kind,
+            status=LEFT,
+            reason=reason,
+            channels=site.channels,
+            batchnorm=site.is_batchnorm,
         )
 
-    def _plan(self, site: BatchNormSite, direction: str) -> OnnxFoldPlan | Refusal:
+    def _plan(self, site: AffineSite, direction: str) -> OnnxFoldPlan | Refusal:
         """The pattern's outcome on the graph as it stands (kept until the graph changes)."""
         key = (site.node, direction)
         if key not in self._plans:
@@ -282,7 +280,8 @@ class _Folder:
                 rewire(p, g)
             self.decided[p.bn.node] = FoldDecision(
                 name=p.bn.name,
-                kind=KIND,
+                kind=p.bn.kind,
+                batchnorm=p.bn.is_batchnorm,
                 status=FOLDED,
                 into=p.layer.name,
                 direction=p.direction,
@@ -297,7 +296,7 @@ class _Folder:
     def _check_point(self, p: OnnxFoldPlan) -> CheckPoint:
         """Where the fold of `p` is checked, by the graph's value names, recorded before the
         graph is rewired; notes in the report what the fold makes the names mean."""
-        x, y = p.bn.node.inputs[0], p.bn.node.outputs[0]
+        x, y = p.bn.input, p.bn.output
         out = p.layer.output.name
         if p.direction != PRECEDING:
             if p.shift_kept:
@@ -389,15 +388,17 @@ def _nested_batchnorms(model: ir.Model) -> list[tuple[ir.Node, str]]:
     return found
 
 
-def _statistics_warnings(site: BatchNormSite) -> list[str]:
-    t = torch.from_numpy
+def _statistics_warnings(site: AffineSite) -> list[str]:
+    if site.stats is None:
+        return []
+    t, st = torch.from_numpy, site.stats
     return check_statistics(
         site.name,
-        t(site.mean.astype(np.float64)),
-        t(site.var.astype(np.float64)),
-        t(site.scale.astype(np.float64)),
-        t(site.bias.astype(np.float64)),
-        site.eps,
+        t(st.mean.astype(np.float64)),
+        t(st.var.astype(np.float64)),
+        t(st.scale.astype(np.float64)),
+        t(st.bias.astype(np.float64)),
+        st.eps,
     )
 
 
@@ -415,25 +416,37 @@ def fold_onnx_model(
     """
     g = OnnxGraph(model)
     report = FoldReport()
-    bns = [n for n in g.graph if is_onnx_op(n, BN_OP)]
-    sites = {}
-    for node in bns:
-        site = match_batchnorm(node, g)
-        sites[node] = site
-        if isinstance(site, BatchNormSite):
-            report.warnings.extend(_statistics_warnings(site))
+    sites: dict[ir.Node, AffineSite | str] = {}
+    for node in g.graph:
+        if is_onnx_op(node, BN_OP):
+            sites[node] = match_batchnorm(node, g)
+            if isinstance(sites[node], AffineSite):
+                report.warnings.extend(_statistics_warnings(sites[node]))
+    for chain in match_affine_chains(g):
+        sites[chain.node] = chain
+    order = [node for node in g.graph if node in sites]
     folder = _Folder(g, sites, duplicate_shared, exact, report)
-    for node in bns:
+    for node in order:
         if node not in folder.decided:  # not already folded with another call of its layer
             folder.decide(node)
     for folds in folder.pending.values():
         apply_layer(folds, g, exact)
-    report.decisions.extend(folder.decided[node] for node in bns)
+    report.decisions.extend(
+        folder.decided[node]
+        for node in order
+        if folder.decided[node].folded or not _scalar_arithmetic(sites[node])
+    )
     for node, reason in _nested_batchnorms(model):
         report.decisions.append(
             FoldDecision(name=node_name(node), kind=KIND, status=LEFT, reason=reason)
         )
     return report
+
+
+def _scalar_arithmetic(site: AffineSite | str) -> bool:
+    """Arithmetic by scalars (a GELU's x * 0.5): reported when it folds, and otherwise not
+    counted among the maps left, which are per-channel."""
+    return isinstance(site, AffineSite) and not site.is_batchnorm and site.channels == 1
 
 
 def fold_onnx(model, *, duplicate_shared: bool = False) -> tuple[onnx.ModelProto, FoldReport]:

@@ -25,11 +25,13 @@ from bnexport.folding.channels import (
 )
 from bnexport.folding.onnx_graph import SHAPE_READERS, OnnxGraph, attr, is_onnx_op
 from bnexport.folding.onnx_sites import (
-    BatchNormSite,
+    AffineSite,
     LayerSite,
+    is_homogeneous,
     is_transparent,
     match_layer,
     step,
+    step_scalar,
     zero_padded,
 )
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
@@ -38,7 +40,7 @@ from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 @dataclass
 class OnnxFoldPlan:
     direction: str
-    bn: BatchNormSite
+    bn: AffineSite
     layer: LayerSite
     channel_of: np.ndarray  # the BN channel of each layer output / input channel
     shift_kept: bool = False  # only the scale folds; the BN becomes Add(x, t / s)
@@ -163,7 +165,7 @@ def overflow_reason(
     return None
 
 
-def into_preceding(bn: BatchNormSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
+def into_preceding(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
     def refuse(reason: str) -> Refusal:
         return Refusal(PRECEDING, reason)
 
@@ -203,13 +205,13 @@ def into_preceding(bn: BatchNormSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
             tr = step(n, tr, g)
     except NotTransparent as exc:
         return refuse(f"an op between {layer.name} and the BN does not commute: {exc}")
-    channel_of = preceding_channel_of(tr, layer.out_channels, bn.channels)
+    channel_of = preceding_channel_of(tr, layer.out_channels, bn.channels, bn.axis)
     if isinstance(channel_of, str):
         return refuse(channel_of.replace("the layer", layer.name))
     return OnnxFoldPlan(PRECEDING, bn, layer, channel_of)
 
 
-def into_following(bn: BatchNormSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
+def into_following(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
     def refuse(reason: str) -> Refusal:
         return Refusal(FOLLOWING, reason)
 
@@ -229,7 +231,7 @@ def into_following(bn: BatchNormSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
             return refuse(f"its output feeds {g.describe(nxt)} as a parameter, not as data")
         if is_onnx_op(nxt, "Conv", "ConvTranspose", "Gemm", "MatMul"):
             break
-        if not is_transparent(nxt):
+        if not is_transparent(nxt) and not is_homogeneous(nxt):
             return refuse(f"its output feeds {g.describe(nxt)}")
         chain.append(nxt)
         value = nxt.outputs[0]
@@ -237,23 +239,51 @@ def into_following(bn: BatchNormSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
     if isinstance(layer, str):
         return refuse(layer)
     # zero padding (and a transposed conv's varying number of taps per output) would not see
-    # the shift: only the scale folds, the shift stays as an Add where the BN was
-    shift_kept = layer.kind == "conv_transpose" or zero_padded(layer, g)
+    # the shift, nor would the scale pass a ReLU with it: only the scale folds, the shift
+    # stays as an Add where the BN was
+    nonlinear = [n for n in chain if is_homogeneous(n)]
+    shift_kept = layer.kind == "conv_transpose" or zero_padded(layer, g) or bool(nonlinear)
+    if nonlinear:
+        problem = positive_scale_reason(bn.s, g.describe(nonlinear[0]))
+        if problem:
+            return refuse(problem)
+    if shift_kept and not bool(bn.t.any()):
+        shift_kept = False  # no shift to keep (a layer scale): the scale alone folds
     if shift_kept and g.shape(bn.input) is None:
         return refuse(
             f"the rank of its input is unknown, so its shift cannot be kept as an Add before "
             f"{layer.name}"
         )
     try:
-        tr = initial(bn.channels, 1)
-        for n in chain:
-            tr = step(n, tr, g)
+        if bn.channels == 1:  # a scalar map: any linear op on channels passes it
+            for n in chain:
+                step_scalar(n, g)
+            in_channels = layer.weight_array.shape[layer.layout.in_axis]
+            in_channels *= layer.layout.groups if layer.layout.in_axis == 1 else 1
+            channel_of = np.zeros(in_channels, dtype=np.int64)
+        else:
+            tr = initial(bn.channels, bn.axis)
+            for n in chain:
+                tr = step(n, tr, g)
+            channel_of = following_channel_of(tr, layer.in_axis)
     except NotTransparent as exc:
         return refuse(f"an op between the BN and {layer.name} does not commute: {exc}")
-    channel_of = following_channel_of(tr, layer.in_axis)
     if isinstance(channel_of, str):
         return refuse(channel_of.replace("the layer", layer.name))
     return OnnxFoldPlan(FOLLOWING, bn, layer, channel_of, shift_kept)
+
+
+def positive_scale_reason(s: torch.Tensor, op: str) -> str | None:
+    """Why the scale cannot pass the positively homogeneous op `op` (f(a x) = a f(x) needs
+    a > 0): the channels whose scale is not positive."""
+    bad = [int(i) for i in torch.nonzero(s <= 0).flatten()]
+    if not bad:
+        return None
+    shown = ", ".join(str(c) for c in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    return (
+        f"{len(bad)} of its {s.numel()} channels have a scale <= 0 (channel "
+        f"{shown}), and only a positive scale passes {op}"
+    )
 
 
 PATTERNS = {PRECEDING: into_preceding, FOLLOWING: into_following}

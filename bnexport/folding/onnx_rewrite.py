@@ -40,43 +40,47 @@ class LayerFolds:
         return next(iter(self.calls.values()))
 
 
+def _remove_site(plan: OnnxFoldPlan, g: OnnxGraph) -> None:
+    """Remove the map's nodes (their output no longer read) and the constants only they read."""
+    params = plan.bn.params  # removing the nodes detaches their inputs
+    for node in reversed(plan.bn.nodes):
+        g.graph.remove(node, safe=True)
+    for value in params:
+        drop_if_unused(value, g)
+
+
 def rewire(plan: OnnxFoldPlan, g: OnnxGraph) -> None:
-    """Take the BN node out of the graph: its consumers read its input instead."""
-    bn = plan.bn.node
-    x, y = bn.inputs[0], bn.outputs[0]
-    params = list(bn.inputs[1:])  # removing the node detaches its inputs
+    """Take the map's nodes out of the graph: the consumers of its output read its input."""
+    x, y = plan.bn.input, plan.bn.output
     if y.is_graph_output():
-        # the model's output keeps its name: the BN's input value takes it over
+        # the model's output keeps its name: the map's input value takes it over
         name, declared_type, declared_shape = y.name, y.type, y.shape
         ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
-        g.graph.remove(bn, safe=True)
+        _remove_site(plan, g)
         x.name = name
         x.type, x.shape = declared_type or x.type, declared_shape or x.shape
     else:
         ir.convenience.replace_all_uses_with(y, x)
-        g.graph.remove(bn, safe=True)
-    for value in params:
-        drop_if_unused(value, g)
+        _remove_site(plan, g)
 
 
 def rewire_with_add(plan: OnnxFoldPlan, u: np.ndarray, g: OnnxGraph) -> ir.Value:
-    """Replace the BN node by Add(x, u), u on axis 1 of x; the Add's output takes the name of
-    the BN's output. Returns the new initializer holding u."""
-    bn = plan.bn.node
-    x, y = bn.inputs[0], bn.outputs[0]
-    params = list(bn.inputs[1:])
+    """Replace the map's nodes by Add(x, u), u on the map's channel axis of x; the Add's output
+    takes the name of the map's output. Returns the new initializer holding u."""
+    site = plan.bn
+    x, y = site.input, site.output
     rank = len(g.shape(x))
-    shift = new_initializer(g, f"{plan.bn.name}_shift", u.reshape((-1,) + (1,) * (rank - 2)))
-    add = ir.Node("", "Add", [x, shift], name=g.fresh_name(f"{plan.bn.name}_shift_add"))
+    shape = (-1,) + (1,) * (rank - 1 - site.axis) if site.channels > 1 else (1,)
+    base = node_name(site.node)
+    shift = new_initializer(g, f"{base}_shift", u.reshape(shape))
+    add = ir.Node("", "Add", [x, shift], name=g.fresh_name(f"{base}_shift_add"))
     result = add.outputs[0]
-    g.graph.insert_before(bn, add)
+    g.graph.insert_before(site.node, add)
     name, declared_type, declared_shape = y.name, y.type, y.shape
     ir.convenience.replace_all_uses_with(y, result, replace_graph_outputs=True)
-    g.graph.remove(bn, safe=True)
+    _remove_site(plan, g)
     result.name = name
     result.type, result.shape = declared_type or x.type, declared_shape or x.shape
-    for value in params:
-        drop_if_unused(value, g)
     return shift
 
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import sympy
+import torch
 
+from bnexport.folding import math as fm
 from bnexport.folding.channels import NotTransparent, Tracked, track_permute, track_reduce
 from bnexport.folding.channels import track_reshape as _track_reshape
 from bnexport.folding.math import Layout
@@ -36,31 +38,68 @@ TRANSPARENT_OPS = (
     "AveragePool",
     "Pad",
 )
+# positively homogeneous: f(a x) = a f(x) for a > 0, so a positive per-channel scale passes
+HOMOGENEOUS_OPS = ("Relu", "LeakyRelu", "PRelu", "MaxPool")
 
 
 @dataclass
-class BatchNormSite:
-    """An inference-mode BatchNormalization with constant parameters: y = s * x + t on axis 1."""
+class AffineSite:
+    """A frozen per-channel affine map y = s * x + t on axis `axis` of its input `input`,
+    computed by `nodes` (in data order; the last writes `output`): an inference-mode
+    BatchNormalization with constant parameters (`stats` holds them), or a chain of
+    Mul/Add/Sub/Div by per-channel or scalar constants. `s` and `t` are float64, one entry per
+    channel (`channels` is 1 for a map by scalars, which applies to every element)."""
 
-    node: ir.Node
+    nodes: list[ir.Node]
     name: str
+    kind: str
     channels: int
+    axis: int
+    data_index: int  # which input of nodes[0] is the data
+    s: torch.Tensor
+    t: torch.Tensor
+    stats: BatchNormStats | None = None
+
+    @property
+    def node(self) -> ir.Node:
+        return self.nodes[0]
+
+    @property
+    def input(self) -> ir.Value:
+        return self.nodes[0].inputs[self.data_index]
+
+    @property
+    def output(self) -> ir.Value:
+        return self.nodes[-1].outputs[0]
+
+    @property
+    def is_batchnorm(self) -> bool:
+        return self.stats is not None
+
+    @property
+    def params(self) -> list[ir.Value]:
+        """The constant operands, dropped with the nodes when the map folds."""
+        x = self.input
+        return [
+            v
+            for n in self.nodes
+            for v in n.inputs
+            if v is not None and v is not x and v.producer() not in self.nodes
+        ]
+
+
+@dataclass
+class BatchNormStats:
+    """A BatchNormalization's parameters as stored."""
+
     mean: np.ndarray
     var: np.ndarray
     scale: np.ndarray
     bias: np.ndarray
     eps: float
 
-    @property
-    def input(self) -> ir.Value:
-        return self.node.inputs[0]
 
-    @property
-    def output(self) -> ir.Value:
-        return self.node.outputs[0]
-
-
-def match_batchnorm(node: ir.Node, g: OnnxGraph) -> BatchNormSite | str:
+def match_batchnorm(node: ir.Node, g: OnnxGraph) -> AffineSite | str:
     """The BN's parameters, or the reason it cannot be folded whatever its neighbours."""
     name = node_name(node)
     if g.opset < 7:
@@ -89,16 +128,21 @@ def match_batchnorm(node: ir.Node, g: OnnxGraph) -> BatchNormSite | str:
         len(x_shape) < 2 or (x_shape[1].is_Integer and int(x_shape[1]) != channels)
     ):
         return f"its input does not carry {channels} channels on axis 1"
-    return BatchNormSite(
-        node,
-        name,
-        channels,
+    stats = BatchNormStats(
         params["mean"],
         params["variance"],
         params["scale"],
         params["bias"],
         float(attr(node, "epsilon", _DEFAULT_EPSILON)),
     )
+    s, t = fm.bn_scale_shift(
+        fm.array_f64(stats.mean),
+        fm.array_f64(stats.var),
+        fm.array_f64(stats.scale),
+        fm.array_f64(stats.bias),
+        stats.eps,
+    )
+    return AffineSite([node], name, BN_OP, channels, 1, 0, s, t, stats)
 
 
 @dataclass
@@ -227,11 +271,22 @@ def is_transparent(node: ir.Node) -> bool:
     return is_onnx_op(node, *TRANSPARENT_OPS)
 
 
+def is_homogeneous(node: ir.Node) -> bool:
+    return is_onnx_op(node, *HOMOGENEOUS_OPS)
+
+
+def step_scalar(node: ir.Node, g: OnnxGraph) -> None:
+    """Raise NotTransparent when `node` does not commute with a map by scalars, y = s x + t:
+    constant padding, an average that counts padding, training-mode dropout."""
+    if is_onnx_op(node, "Pad", "AveragePool", "Dropout"):
+        step(node, Tracked(0, np.zeros((1, 1), dtype=np.int64)), g)
+
+
 def step(node: ir.Node, tr: Tracked, g: OnnxGraph) -> Tracked:
     """Carry `tr` (on node.inputs[0]) through `node`, or raise NotTransparent with a reason."""
     op = node.op_type
     src, dst = g.shape(node.inputs[0]), g.shape(node.outputs[0])
-    if op == "Identity":
+    if op in ("Identity", "Relu", "LeakyRelu", "PRelu"):
         return tr
     if op == "Dropout":
         training = _ints_input(node, 2, g) if len(node.inputs) > 2 and node.inputs[2] else [0]
@@ -266,6 +321,10 @@ def step(node: ir.Node, tr: Tracked, g: OnnxGraph) -> Tracked:
                 return tr
             axes = list(range(ndim))
         return track_reduce([int(a) % ndim for a in axes], bool(attr(node, "keepdims", 1)), tr)
+    if op == "MaxPool":
+        if tr.axis >= 2:
+            raise NotTransparent(f"{g.describe(node)} pools over the channel axis")
+        return tr
     if op == "AveragePool":
         pads = attr(node, "pads", None) or []
         auto_pad = attr(node, "auto_pad", "NOTSET")

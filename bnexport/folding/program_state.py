@@ -137,7 +137,12 @@ class ProgramState:
         return self._storage_users.get(ptr, 0) > 1
 
     def remove_unused(self) -> None:
-        """Drop stored placeholders that no node uses (and their tensors, if nothing else does)."""
+        """Drop computations nothing reads any more (a frozen BN's scale computed from its
+        buffers), then stored placeholders that no node uses (and their tensors, if nothing
+        else does)."""
+        for node in reversed(list(self.graph.nodes)):
+            if node.op == "call_function" and not node.users and not node.is_impure():
+                self.graph.erase_node(node)
         mutated = {
             s.target
             for s in self.program.graph_signature.output_specs

@@ -26,9 +26,28 @@ def is_assertion(node: fx.Node) -> bool:
     return node.op == "call_function" and (name.startswith(_ASSERT_PREFIXES) or "_check" in name)
 
 
+_SHAPE_OF_SECOND = {aten.reshape_as.default, aten.view_as.default, aten.expand_as.default}
+_SHAPE_READERS = {
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.sym_storage_offset.default,
+}
+
+
+def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """`user` reads only the shape of `node` (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`
+    reads x for its shape), which no fold changes."""
+    if user.op != "call_function":
+        return False
+    if user.target in _SHAPE_READERS:
+        return True
+    return user.target in _SHAPE_OF_SECOND and user.args[0] is not node
+
+
 def data_users(node: fx.Node) -> list[fx.Node]:
-    """Users of `node` that consume its value (assertion nodes excluded)."""
-    return [u for u in node.users if not is_assertion(u)]
+    """Users of `node` that consume its value (assertions and shape reads excluded)."""
+    return [u for u in node.users if not is_assertion(u) and not reads_shape_only(u, node)]
 
 
 def module_scope(node: fx.Node) -> tuple[str, str]:
@@ -57,7 +76,8 @@ def _arg(node: fx.Node, index: int, name: str, default):
 
 @dataclass
 class BatchNormCall:
-    """One call of an eval-mode (or batch-statistics) BatchNorm in the graph."""
+    """One call of an eval-mode (or batch-statistics) BatchNorm in the graph, or another
+    frozen per-channel affine map y = s * x + t (`affine`, on `axis`; see `affines`)."""
 
     node: fx.Node  # the node producing the normalized tensor
     input: fx.Node
@@ -71,10 +91,19 @@ class BatchNormCall:
     kind: str  # module class name, or "F.batch_norm"
     op_node: fx.Node | None = None  # the BN op itself (differs from `node` for tuple ops)
     extra_nodes: list[fx.Node] = field(default_factory=list)  # erased with `node`
+    # another frozen affine map (arithmetic by constants): its float64 (s, t) on `axis`
+    affine: tuple | None = None
+    axis: int = 1
 
     @property
     def channels(self) -> int:
+        if self.affine is not None:
+            return int(self.affine[0].numel())
         return int(self.input.meta["val"].shape[1])
+
+    @property
+    def batchnorm(self) -> bool:
+        return self.affine is None
 
 
 def match_batchnorm(node: fx.Node) -> BatchNormCall | None:

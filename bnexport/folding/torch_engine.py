@@ -19,17 +19,24 @@ import numpy as np
 import torch
 from torch import fx
 
+from bnexport.folding.affines import ConstantValues, affine_calls, match_affine
 from bnexport.folding.checks import check_batchnorm_state
 from bnexport.folding.math import (
     F64,
-    bn_scale_shift,
     following_bias_delta,
     preceding_bias,
     scale_weight,
     shift_before_scale,
     zero_scale_channels,
 )
-from bnexport.folding.patterns import PATTERNS, PRECEDING, FoldPlan, Refusal, describe
+from bnexport.folding.patterns import (
+    PATTERNS,
+    PRECEDING,
+    FoldPlan,
+    Refusal,
+    describe,
+    map_scale_shift,
+)
 from bnexport.folding.program_state import ProgramState
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
 from bnexport.folding.sites import (
@@ -74,21 +81,12 @@ class _Group:
     calls: int
     copy: bool = False
     bytes_added: int = 0
-
-
-def _scale_shift(bn: BatchNormCall, state: ProgramState) -> tuple[torch.Tensor, torch.Tensor]:
-    return bn_scale_shift(
-        state.tensor(bn.running_mean),
-        state.tensor(bn.running_var),
-        None if bn.weight is None else state.tensor(bn.weight),
-        None if bn.bias is None else state.tensor(bn.bias),
-        bn.eps,
-    )
+    branches: bool = False  # one BN into several layers, one plan each (see `_branch_group`)
 
 
 def _layer_affine(plan: FoldPlan, state: ProgramState) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, t) per layer channel: the BN's affine through the plan's channel mapping."""
-    s, t = _scale_shift(plan.bn, state)
+    s, t = map_scale_shift(plan.bn, state)
     index = torch.from_numpy(np.asarray(plan.channel_of))
     return s[index], t[index]
 
@@ -129,7 +127,7 @@ def _same_fold(a: FoldPlan, b: FoldPlan, state: ProgramState) -> bool:
     (sa, ta), (sb, tb) = _layer_affine(a, state), _layer_affine(b, state)
     if not (torch.equal(sa, sb) and torch.equal(ta, tb)):
         return False
-    return not b.shift_kept or shift_before_scale(*_scale_shift(b.bn, state)) is not None
+    return not b.shift_kept or shift_before_scale(*map_scale_shift(b.bn, state)) is not None
 
 
 def _why_apart(
@@ -248,11 +246,13 @@ def _shift_parameter(
     """u = t / s laid out on the BN input's channel axis, one parameter per set of BN
     parameters (the calls of one BN module share it)."""
     key = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    if bn.affine is not None:
+        key = (bn.op_node,)
     if key not in shifts:
-        u = shift_before_scale(*_scale_shift(bn, state))
+        u = shift_before_scale(*map_scale_shift(bn, state))
         val = bn.input.meta["val"]
-        shape = (bn.channels,) + (1,) * (val.dim() - 2)
-        prefix = (state.target(bn.running_mean) or "bn").rpartition(".")[0]
+        shape = (bn.channels,) + (1,) * (val.dim() - 1 - bn.axis) if bn.channels > 1 else (1,)
+        prefix = (state.target(bn.running_mean) or bn.name or "bn").rpartition(".")[0]
         hint = f"{prefix}.shift" if prefix else "shift"
         shifts[key] = state.add_parameter(hint, u.to(val.dtype).reshape(shape))
         if exact is not None:
@@ -300,13 +300,14 @@ def _apply_group(
             pending[state.target(plan.layer.weight)] = _LayerFolds(
                 plan.layer, bias, list(earlier.affines)
             )
-    w_target = state.target(plan.layer.weight)
-    folds = pending.setdefault(w_target, _LayerFolds(plan.layer))
-    if not plan.shift_kept:
-        _bias_target(folds, data_users(plan.layer.weight), state)
-    s, t = _layer_affine(plan, state)
-    folds.affines.append(_Affine(plan.direction, s, t, plan.shift_kept))
-    for member in group.plans:
+    for member in group.plans if group.branches else [plan]:
+        w_target = state.target(member.layer.weight)
+        folds = pending.setdefault(w_target, _LayerFolds(member.layer))
+        if not member.shift_kept:
+            _bias_target(folds, data_users(member.layer.weight), state)
+        s, t = _layer_affine(member, state)
+        folds.affines.append(_Affine(member.direction, s, t, member.shift_kept))
+    for member in group.plans[:1] if group.branches else group.plans:
         _remove_batchnorm(member, state, shifts, exact)
 
 
@@ -406,7 +407,7 @@ def _overflow_reason(plan: FoldPlan, state: ProgramState) -> str | None:
     else:
         values = {"weights": scale_weight(weight, s, layout.in_axis, layout)}
         if plan.shift_kept:
-            values["shift kept as an Add"] = shift_before_scale(*_scale_shift(plan.bn, state))
+            values["shift kept as an Add"] = shift_before_scale(*map_scale_shift(plan.bn, state))
         elif layout.out_axis == 0 or layout.groups == 1:
             out = bias.shape[0] if bias is not None else None
             out = out or (weight.shape[1] * layout.groups if layout.out_axis else weight.shape[0])
@@ -441,8 +442,10 @@ def _decide(
     refusals = []
     for pattern in PATTERNS:
         result = pattern.match_and_check(bn, state)
+        if isinstance(result, list):
+            result = _branch_group(result, state)
         if isinstance(result, FoldPlan) and result.shift_kept:
-            s, _ = _scale_shift(bn, state)
+            s, _ = map_scale_shift(bn, state)
             if bool((s == 0).any()):
                 result = Refusal(
                     result.direction, zero_scale_refusal(result.layer.name, zero_scale_channels(s))
@@ -459,6 +462,31 @@ def _decide(
     return refusals
 
 
+def _branch_group(plans: list[FoldPlan], state: ProgramState) -> _Group | Refusal:
+    """One BN folded into several layers at once (the branches of a concatenation before it,
+    or the layers its output reaches after it), each layer called once; or why not."""
+    direction = plans[0].direction
+    if plans[0].shift_kept:
+        s, _ = map_scale_shift(plans[0].bn, state)
+        if bool((s == 0).any()):
+            return Refusal(
+                direction, zero_scale_refusal(plans[0].layer.name, zero_scale_channels(s))
+            )
+    for plan in plans:
+        layer = plan.layer
+        readers = data_users(layer.weight) + ([] if layer.bias is None else data_users(layer.bias))
+        if any(r is not layer.node for r in readers):
+            return Refusal(
+                direction,
+                f"the weights of {layer.name} serve several calls, and a fold into several "
+                "layers at once takes layers called once",
+            )
+        problem = _overflow_reason(plan, state)
+        if problem is not None:
+            return Refusal(direction, problem)
+    return _Group(plans, 1, branches=True)
+
+
 def call_names(calls: list[BatchNormCall]) -> list[str]:
     """Each call's name for the report: its module path, then `NAME (call k)` for the k-th
     call of a module called more than once."""
@@ -471,28 +499,45 @@ def call_names(calls: list[BatchNormCall]) -> list[str]:
     return names
 
 
-def _check_point(plan: FoldPlan, report: FoldReport) -> CheckPoint:
+def _check_point(
+    plan: FoldPlan, report: FoldReport, layers: list[fx.Node] | None = None
+) -> CheckPoint:
     """Where the fold of `plan` is checked (by the graph's node names, which the ONNX export
     keeps), recorded before the graph is rewired; notes in `report` what the fold makes the
-    names of the graph mean."""
-    layer, bn = plan.layer.node, plan.bn
+    names of the graph mean. `layers`: every layer the BN folds into (one by default)."""
+    bn = plan.bn
+    layers = layers or [plan.layer.node]
     if plan.direction != PRECEDING:
-        return CheckPoint(layer.name, layer.name, plan.layer.out_axis)
-    # the BN's input (the layer's output, or a reshape of it) now stands for the BN's output,
-    # and what lies between the layer and it holds values the original never had
+        return CheckPoint(layers[0].name, layers[0].name, plan.layer.out_axis)
+    # the BN's input (the layer's output, a reshape or a concatenation of layer outputs) now
+    # stands for the BN's output, and what lies between the layers and it holds values the
+    # original never had
     report.aliases[bn.input.name] = bn.node.name
-    between, node = [], bn.input
-    while node is not layer and isinstance(node, fx.Node) and node.args and len(between) < 64:
-        node = node.args[0]
-        between.append(getattr(node, "name", ""))
-    if node is layer:
+    between: set[str] = set()
+    todo = [bn.input]
+    while todo and len(between) < 256:
+        node = todo.pop()
+        if node in layers or node.op != "call_function":
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op == "call_function" and arg.name not in between:
+                between.add(arg.name)
+                todo.append(arg)
+    if all(layer.name in between for layer in layers):
         report.changed.update(between)
-    return CheckPoint(bn.input.name, bn.node.name, 1)
+    return CheckPoint(bn.input.name, bn.node.name, bn.axis)
 
 
 def batchnorm_calls(graph: fx.Graph) -> list[BatchNormCall]:
     """The BatchNorm calls of a graph, in data-flow order."""
     return [c for c in (match_batchnorm(n) for n in graph.nodes) if c is not None]
+
+
+def _map_calls(graph: fx.Graph, constants: ConstantValues) -> list[BatchNormCall]:
+    """The BatchNorm calls and the other frozen affine maps of a graph, in data-flow order."""
+    calls = batchnorm_calls(graph) + affine_calls(graph, constants)
+    position = {node: k for k, node in enumerate(graph.nodes)}
+    return sorted(calls, key=lambda c: position[c.op_node])
 
 
 def fold_program(
@@ -523,12 +568,14 @@ def fold_program(
     rounds each of them once from there.
     """
     state = ProgramState(program, copy_graph=copy_graph)
-    calls = batchnorm_calls(state.graph)
+    constants = ConstantValues(state)
+    calls = _map_calls(state.graph, constants)
     names = call_names(calls)
     name_of = {c.op_node: n for c, n in zip(calls, names)}
     report = FoldReport()
     for call in calls:
-        report.warnings.extend(check_batchnorm_state(call, state))
+        if call.batchnorm:
+            report.warnings.extend(check_batchnorm_state(call, state))
     pending: dict[str, _LayerFolds] = {}
     shifts: dict = {}
     decided: dict[fx.Node, FoldDecision] = {}
@@ -539,17 +586,38 @@ def fold_program(
     for call, name in zip(calls, names):
         if call.op_node in decided:
             continue  # folded with an earlier call of the same shared layer
-        call = match_batchnorm(call.op_node)  # earlier folds may have rewired its neighbours
+        # earlier folds may have rewired its neighbours
+        call = (
+            match_batchnorm(call.op_node)
+            if call.batchnorm
+            else match_affine(call.op_node, constants)
+        )
         # BN calls still in the graph: those after this one, and those left before it
         others = [c for c in calls if c.op_node is not call.op_node and not _folded(c)]
         outcome = _decide(call, state, others, decided, duplicate_shared)
-        if isinstance(outcome, _Group):
+        if isinstance(outcome, _Group) and outcome.branches:
+            plan = outcome.plans[0]
+            check = _check_point(plan, report, [p.layer.node for p in outcome.plans])
+            _apply_group(outcome, state, pending, shifts, exact)
+            decided[plan.bn.op_node] = FoldDecision(
+                name=name_of[plan.bn.op_node],
+                kind=plan.bn.kind,
+                batchnorm=plan.bn.batchnorm,
+                status=FOLDED,
+                into=", ".join(p.layer.name for p in outcome.plans),
+                direction=plan.direction,
+                channels=plan.bn.channels,
+                shift_kept=plan.shift_kept,
+                check=check,
+            )
+        elif isinstance(outcome, _Group):
             checks = [_check_point(plan, report) for plan in outcome.plans]
             _apply_group(outcome, state, pending, shifts, exact)
             for k, plan in enumerate(outcome.plans):
                 decided[plan.bn.op_node] = FoldDecision(
                     name=name_of[plan.bn.op_node],
                     kind=plan.bn.kind,
+                    batchnorm=plan.bn.batchnorm,
                     status=FOLDED,
                     into=plan.layer.name,
                     direction=plan.direction,
@@ -564,9 +632,20 @@ def fold_program(
                 (f"{r.direction}: {r.reason}" if r.direction else r.reason) for r in outcome
             )
             decided[call.op_node] = FoldDecision(
-                name=name, kind=call.kind, status=LEFT, reason=reason, channels=call.channels
+                name=name,
+                kind=call.kind,
+                status=LEFT,
+                reason=reason,
+                channels=call.channels,
+                batchnorm=call.batchnorm,
             )
-    report.decisions.extend(decided[c.op_node] for c in calls)
+    # arithmetic by numbers (an attention's q * scale) is reported when it folds; left, it is
+    # not counted among the per-channel maps
+    report.decisions.extend(
+        decided[c.op_node]
+        for c in calls
+        if decided[c.op_node].folded or c.batchnorm or c.channels > 1
+    )
     weights = [state.value(state.target(f.layer.weight)) for f in pending.values()]
     largest = max((min(_block_rows(w), w.shape[0]) * w[0].numel() for w in weights), default=0)
     workspace = _Workspace(largest)  # allocated once, at the size of the largest block

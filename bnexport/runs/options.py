@@ -35,7 +35,7 @@ class RunOptions:
     output: Path | None = None
     input_shapes: list[str] = field(default_factory=list)
     arch: str | None = None
-    opset: int = DEFAULT_OPSET
+    opset: int | None = DEFAULT_OPSET
     static_batch: bool = False
     # None: not given. A float32 model is held to DEFAULT_ATOL + DEFAULT_RTOL x scale; a
     # float16/bfloat16 one to its dtype tolerance. Either one given: atol + rtol x scale.
