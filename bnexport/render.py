@@ -176,6 +176,8 @@ def fold_summary(fold: FoldReport) -> str:
 # reason are listed together (torch.export node names: `add_3 (an addition)`, `relu_5 (relu,
 # a nonlinearity)`, `conv layer layer1.0.conv1`; ONNX: `Relu 'node_relu_5'`).
 _GENERAL = [
+    (re.compile(r"\b\d+ of its \d+ channels\b"), "some of its channels"),
+    (re.compile(r" \(channels? \d+(?:, (?:\d+|\.\.\.))*\)"), ""),
     (re.compile(r"\b[\w.]+ \((an? [^(),]+)\)"), r"\1"),
     (re.compile(r"\b[\w.]+ \((\w+), (an? [^()]+)\)"), r"\1 (\2)"),
     (re.compile(r"\b[\w.]+ \((\w+)\)"), r"\1"),
@@ -187,6 +189,7 @@ _GENERAL = [
     (re.compile(r"\bbetween the BN and [\w.]+"), "between the BN and the layer"),
 ]
 _ONNX_NODE = re.compile(r"\b([A-Z]\w*) '[^']*'")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w.])")
 
 
 def reason_kind(reason: str) -> str:
@@ -207,13 +210,15 @@ def left_groups(
     word for word, else its kind."""
     groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for name, status, reason in decisions:
-        groups.setdefault((status, reason_kind(reason or "")), []).append((name, reason or ""))
+        key = _NUMBER.sub("N", reason_kind(reason or ""))  # figures differ from place to place
+        groups.setdefault((status, key), []).append((name, reason or ""))
     out = []
-    for (status, kind), members in sorted(
+    for (status, key), members in sorted(
         groups.items(), key=lambda g: (g[0][0] != "left", -len(g[1]))
     ):
         reasons = {reason for _, reason in members}
-        shown = reasons.pop() if len(reasons) == 1 else kind
+        kinds = {reason_kind(reason) for reason in reasons}
+        shown = reasons.pop() if len(reasons) == 1 else kinds.pop() if len(kinds) == 1 else key
         out.append((status, shown, [name for name, _ in members]))
     return out
 

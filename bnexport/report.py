@@ -243,8 +243,8 @@ class OpCounts:
     """Nodes of the main ONNX graph by op_type, before and after the fold.
 
     `after` is the file written (or checked). `before` is the original's graph: for an ONNX
-    input, the input file's own nodes; for a checkpoint, the written graph with every fold
-    undone (`bnexport.export.ops_before_fold`)."""
+    input, the input file's own nodes; for a checkpoint, the graph the exporter writes of the
+    original with every BN a node (`bnexport.export.ops_before_fold`)."""
 
     before: dict[str, int]
     after: dict[str, int]

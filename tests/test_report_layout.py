@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 from rich.console import Console
+from torch import nn
 
 from benchmarks.nets import ResNet50, train_statistics
 from bnexport.cli import main
@@ -154,11 +155,11 @@ def test_bns_left_are_grouped_by_reason(reasons):
     counted = [int(re.match(r"\w+: (\d+) BN", line).group(1)) for line in grouped]
     assert sum(counted) == len(bn["left"]) + len(bn["unused"])
     assert len(grouped) < len(bn["left"]) + len(bn["unused"])
-    # the pre-activation blocks after the first: one line, node names left out
+    # the pre-activation blocks after the first: one line, node names and figures left out
     assert (
         "left: 3 BNs (blocks.1.bn1, blocks.2.bn1, blocks.3.bn1): preceding: its input comes "
-        "from an addition, not a conv or linear; following: its output feeds relu (a "
-        "nonlinearity)"
+        "from an addition, not a conv or linear; following: some of its channels have a "
+        "scale <= 0, and only a positive scale passes relu (a nonlinearity)"
     ) in grouped
     assert grouped[-1] == (
         "unused: 1 BN (spare_bn): forward never calls it, so it is not part of the exported model"
@@ -184,6 +185,48 @@ def test_op_counts_with_a_shift_kept_and_bns_left(reasons):
         "Add": (before["Add"], after["Add"]),
         "all nodes": (sum(before.values()), sum(after.values())),
     }
+
+
+class FrozenAffines(nn.Module):
+    """Affine maps that are not BN nodes: a frozen BN computed from buffers (`x * scale +
+    shift`), a layer scale, and arithmetic by constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 6)
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.register_buffer("frozen_var", torch.rand(8) + 0.5)
+        self.register_buffer("frozen_mean", torch.rand(8))
+        self.register_buffer("scale", torch.rand(1, 8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        s = self.frozen_var.rsqrt()
+        y = self.conv1(x) * s.reshape(1, -1, 1, 1) - (self.frozen_mean * s).reshape(1, -1, 1, 1)
+        y = self.conv2(torch.relu(y)) * self.scale + 0.25
+        y = self.fc(torch.relu(self.bn(y)).mean((2, 3)))
+        return y * self.gamma
+
+
+def test_op_counts_of_folded_affine_maps_that_are_not_bns(tmp_path):
+    torch.manual_seed(0)
+    program = torch.export.export(
+        FrozenAffines().eval(),
+        (torch.randn(2, 3, 8, 8),),
+        dynamic_shapes=({0: torch.export.Dim.AUTO},),
+    )
+    pt2, out, report = tmp_path / "a.pt2", tmp_path / "a.onnx", tmp_path / "a.json"
+    torch.export.save(program, str(pt2))
+    code, text = _invoke("fold", pt2, "-o", out, "--json", report, "--samples", "1")
+    assert code == 0, text
+    data = json.loads(report.read_text())
+    assert data["batchnorm"]["affine_maps"]["folded"] >= 2
+    assert data["op_counts"]["after"] == _ops(out)
+    before = data["op_counts"]["before"]
+    assert before == _export_keeping_batchnorm(torch.export.load(str(pt2)))
+    assert before["Mul"] > data["op_counts"]["after"].get("Mul", 0)
 
 
 def test_quiet_prints_the_verdict_line_only(tmp_path):
@@ -304,6 +347,13 @@ def test_reasons_are_grouped_without_node_names():
     ) == (
         "preceding: its input comes from an Add, not a conv or linear; following: its output "
         "feeds a Relu"
+    )
+    assert reason_kind(
+        "following: 6 of its 8 channels have a scale <= 0 (channel 1, 2, 3, 4, 6, ...), and "
+        "only a positive scale passes relu_8 (relu, a nonlinearity)"
+    ) == (
+        "following: some of its channels have a scale <= 0, and only a positive scale passes "
+        "relu (a nonlinearity)"
     )
     assert reason_kind("forward never calls it") == "forward never calls it"
 

@@ -20,6 +20,7 @@ from bnexport.export import (
     release_weights,
     save_onnx_model,
     to_onnx_program,
+    traced_ops,
 )
 from bnexport.folding.torch_engine import fold_program
 from bnexport.input_profile import program_profile
@@ -72,6 +73,7 @@ def fold_checkpoint(
     _collect(large)
 
     progress("folding BatchNorm layers")
+    traced = traced_ops(program)  # before the fold rewrites it in place
     exact: dict | None = {} if opts.fp16 else None  # float64 folded values, rounded once
     folded, report.fold = fold_program(
         program,
@@ -88,7 +90,7 @@ def fold_checkpoint(
     progress("exporting to ONNX")
     onnx_program = to_onnx_program(folded, opset=opts.opset)
     model = onnx_program.model
-    before = ops_before_fold(count_ops(model), report.fold)  # float32, as exported
+    before = ops_before_fold(count_ops(model), traced, traced_ops(folded))  # as exported
     if opts.fp16:
         model = convert_to_float16(model, prep, opts, report, progress, exact)
     report.op_counts = OpCounts(before, count_ops(model))
@@ -102,7 +104,9 @@ def fold_checkpoint(
     report.onnx = save_onnx_model(
         model,
         output,
-        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        metadata=onnx_metadata(
+            report.fold, bnexport_source=Path(opts.model).name, bnexport_ops_before=before
+        ),
         external_data=opts.external_data,
         threshold=opts.external_data_threshold,
         before_commit=save_folded,

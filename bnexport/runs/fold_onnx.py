@@ -70,7 +70,9 @@ def fold_onnx_file(
     report.onnx = save_onnx_model(
         model,
         output,
-        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        metadata=onnx_metadata(
+            report.fold, bnexport_source=Path(opts.model).name, bnexport_ops_before=before
+        ),
         external_data=external,
         threshold=opts.external_data_threshold,
         accept_checker_error=functools.partial(_input_fails_checker_too, opts.model, report),

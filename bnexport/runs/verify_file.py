@@ -8,7 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from bnexport.errors import BadInputError, summarize_exception
-from bnexport.export import count_ops, describe_onnx, ops_before_fold
+from bnexport.export import (
+    count_ops,
+    describe_onnx,
+    ops_with_folds_undone,
+    recorded_ops_before,
+)
 from bnexport.files import all_or_nothing
 from bnexport.input_profile import onnx_profile, program_profile
 from bnexport.inputs import example_inputs
@@ -70,13 +75,16 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
 
 
 def _op_counts(onnx_path: Path, prep: Prepared, folds) -> OpCounts:
-    """The file's nodes by op_type, and the original's: an ONNX original's own, or for a
-    checkpoint the file's with the folds it records (or shows) undone."""
+    """The file's nodes by op_type, and the original's: an ONNX original's own file; for a
+    checkpoint, what the fold that wrote the file recorded, or for a file without that
+    record the file's with the BN folds its tensor names show undone."""
     import onnx
 
     after = count_ops(onnx.load(str(onnx_path), load_external_data=False))
-    before = count_ops(prep.source.model) if prep.onnx_in else ops_before_fold(after, folds)
-    return OpCounts(before, after)
+    if prep.onnx_in:
+        return OpCounts(count_ops(prep.source.model), after)
+    before = recorded_ops_before(onnx_path)
+    return OpCounts(before if before is not None else ops_with_folds_undone(after, folds), after)
 
 
 def _follow_static_batch(prep: Prepared, info, opts: RunOptions) -> None:
