@@ -31,6 +31,8 @@ from bnexport.version import __version__
 FOLDED = "folded"
 LEFT = "left"
 UNUSED = "unused"
+# the direction of a BN on constants (a weight standardized in forward): computed at fold time
+COMPUTED = "computed"
 
 PASSED = "passed"
 FAILED = "failed"
@@ -89,6 +91,8 @@ class FoldDecision:
         """What happened to this BN, in a sentence fragment (its reason when left)."""
         if not self.folded:
             return self.reason or ""
+        if self.direction == COMPUTED:
+            return "computed once at fold time: its input is constant"
         text = (
             f"scale folded into {self.into}; shift kept as an Add before it"
             if self.shift_kept

@@ -620,11 +620,14 @@ def blk_gemm_reshape_bn(draw, g: Builder, x: T) -> T:
 
 
 def blk_left_2d(draw, g: Builder, x: T) -> T:
-    """Relu -> BN -> Relu, or Gemm -> BN -> Gemm with the BN's scale a graph input."""
+    """Relu -> BN with a negative scale -> Relu (no positive scale to pass the Relu), or
+    Gemm -> BN -> Gemm with the BN's scale a graph input."""
     if draw(st.booleans()):
         g.log.append("left:relu_bn_relu")
         r = g.node("Relu", [x.name])
-        return T(g.node("Relu", [g.bn(r, x.channels, LEFT)]), x.shape)
+        values = g.bn_values(x.channels)
+        values[0][0] = -abs(values[0][0])
+        return T(g.node("Relu", [g.bn(r, x.channels, LEFT, values=values)]), x.shape)
     g.log.append("left:gemm_bn_gemm_param_input")
     y = gemm(draw, g, x)
     return gemm(draw, g, T(g.bn(y.name, y.channels, LEFT, param_input=True), y.shape))
@@ -768,11 +771,11 @@ def res_preact(draw, g: Builder, x: T) -> T:
 
 
 def res_bn_into_branch_conv(draw, g: Builder, x: T) -> T:
-    """x -> BN -> Conv -> Add(x): the BN folds into an unpadded conv, and into a padded one
-    keeping its shift as an Add; it stays before two BN-fed consumers."""
+    """x -> BN -> Conv -> Add(x): the BN folds into an unpadded conv, into a padded one
+    keeping its shift as an Add, and into both of two convs it feeds."""
     kind = draw(st.sampled_from(["unpadded", "padded", "two_convs"]))
     g.log.append(kind)
-    b = T(g.bn(x.name, x.channels, LEFT if kind == "two_convs" else FOLDED), x.shape)
+    b = T(g.bn(x.name, x.channels, FOLDED), x.shape)
     c = _same_conv(draw, g, b, x.channels, 1 if kind != "padded" else 3, 1)
     if kind == "two_convs":
         c2 = _same_conv(draw, g, b, x.channels, 1, 1)

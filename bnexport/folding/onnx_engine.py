@@ -41,7 +41,7 @@ import torch
 from bnexport.folding import math as fm
 from bnexport.folding.checks import check_statistics
 from bnexport.folding.onnx_affines import match_affine_chains
-from bnexport.folding.onnx_graph import OnnxGraph, is_onnx_op, node_name
+from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
 from bnexport.folding.onnx_patterns import (
     PATTERNS,
     OnnxFoldPlan,
@@ -62,10 +62,10 @@ from bnexport.folding.onnx_rewrite import (
     rewire,
     rewire_with_add,
 )
-from bnexport.folding.onnx_sites import BN_OP, AffineSite, match_batchnorm, match_layer
+from bnexport.folding.onnx_sites import BN_OP, AffineSite, LayerSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
-from bnexport.report import FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
+from bnexport.report import COMPUTED, FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
 
 KIND = "BatchNormalization"
 
@@ -81,6 +81,7 @@ class _Fold:
     plans: list[OnnxFoldPlan]
     copy_weight: bool = False
     copy_bias: bool = False
+    branches: bool = False  # one map into several layers (a plan each), removed once
 
 
 class _Folder:
@@ -117,6 +118,12 @@ class _Folder:
         refusals = []
         for direction in (PRECEDING, FOLLOWING):
             outcome = self._plan(site, direction)
+            if isinstance(outcome, list):
+                fold = self._resolve_branches(outcome)
+                if isinstance(fold, _Fold):
+                    self._fold(fold, node)
+                    return
+                outcome = Refusal(direction, fold)
             if isinstance(outcome, OnnxFoldPlan):
                 fold = self._resolve(outcome)
                 if isinstance(fold, _Fold):
@@ -163,6 +170,20 @@ class _Folder:
         if isinstance(fold, str):
             return fold
         return self._check(fold.plans) or fold
+
+    def _resolve_branches(self, plans: list[OnnxFoldPlan]) -> _Fold | str:
+        """One map into several layers, each called once; or why not."""
+        for plan in plans:
+            layer = plan.layer
+            if len(weight_calls(layer.weight)) > 1 or reads_twice(layer.node, layer.weight):
+                return (
+                    f"the weight of {layer.name} serves several calls, and a fold into several "
+                    "layers at once takes layers called once"
+                )
+            reason = shared_reason(layer, self.g)
+            if reason:
+                return reason
+        return self._check(plans) or _Fold(plans, branches=True)
 
     def _shared_fold(self, plan: OnnxFoldPlan, calls: list[ir.Node]) -> _Fold | str:
         """A weight read by several nodes: one fold for every call when each has a BN on the
@@ -259,18 +280,20 @@ class _Folder:
 
     # ------------------------------------------------------------------ folding
     def _fold(self, fold: _Fold, node: ir.Node) -> None:
-        """Rewire every BN of the fold and record its affine once for the weight."""
+        """Rewire every map of the fold and record its affine once for each weight."""
         g = self.g
         plans, added = self._copy(fold) if fold.copy_weight or fold.copy_bias else (fold.plans, 0)
-        first = plans[0]
-        weight = first.layer.weight
-        folds = self.pending.get(weight)
-        if folds is None:
-            folds = self.pending[weight] = LayerFolds({p.layer.node: p.layer for p in plans})
-        s, t = self._mapped(first)
-        folds.affines.append(Affine(first.direction, s, t, first.shift_kept))
-        for p in plans:
-            check = self._check_point(p)
+        for member in plans if fold.branches else plans[:1]:
+            folds = self.pending.get(member.layer.weight)
+            if folds is None:
+                calls = plans if not fold.branches else [member]
+                folds = self.pending[member.layer.weight] = LayerFolds(
+                    {p.layer.node: p.layer for p in calls}
+                )
+            s, t = self._mapped(member)
+            folds.affines.append(Affine(member.direction, s, t, member.shift_kept))
+        for p in plans[:1] if fold.branches else plans:
+            check = self._check_point(p, [q.layer for q in plans] if fold.branches else None)
             if p.shift_kept:
                 u64 = self._shift(p).numpy()
                 shift = rewire_with_add(p, u64.astype(p.layer.weight_array.dtype), g)
@@ -278,45 +301,64 @@ class _Folder:
                     self.exact[shift.name] = u64.reshape(shift.const_value.shape.dims)
             else:
                 rewire(p, g)
+            into = ", ".join(q.layer.name for q in plans) if fold.branches else p.layer.name
             self.decided[p.bn.node] = FoldDecision(
                 name=p.bn.name,
                 kind=p.bn.kind,
                 batchnorm=p.bn.is_batchnorm,
                 status=FOLDED,
-                into=p.layer.name,
+                into=into,
                 direction=p.direction,
                 channels=p.bn.channels,
                 shift_kept=p.shift_kept,
-                shared_calls=len(plans),
+                shared_calls=1 if fold.branches else len(plans),
                 bytes_added=added if p.bn.node is node else 0,
                 check=check,
             )
         self._plans.clear()
 
-    def _check_point(self, p: OnnxFoldPlan) -> CheckPoint:
+    def _check_point(self, p: OnnxFoldPlan, layers: list[LayerSite] | None = None) -> CheckPoint:
         """Where the fold of `p` is checked, by the graph's value names, recorded before the
-        graph is rewired; notes in the report what the fold makes the names mean."""
+        graph is rewired; notes in the report what the fold makes the names mean. `layers`:
+        every layer the map folds into (`p`'s by default)."""
         x, y = p.bn.input, p.bn.output
         out = p.layer.output.name
         if p.direction != PRECEDING:
             if p.shift_kept:
                 self.report.changed.add(y.name)  # the Add of the shift takes the BN's name
+            # the ops between the map and the layers now carry values without the map
+            ends = {layer.node for layer in layers or [p.layer]}
+            todo = [y]
+            while todo:
+                for user in self.g.consumers(todo.pop()):
+                    if user in ends or user.graph is not self.g.graph:
+                        continue
+                    for o in user.outputs:
+                        if o is not None and o.name not in self.report.changed:
+                            self.report.changed.add(o.name)
+                            todo.append(o)
             return CheckPoint(out, out, p.layer.out_axis)
         if y.is_graph_output():
             kept = y.name  # the BN's input takes over the output's name
         else:
             kept = x.name
             self.report.aliases[x.name] = y.name
-        between, value = [], x
-        while value.name != out and value.producer() is not None and len(between) < 64:
+        # what lies between the layers and the map holds values the original never had
+        outputs = {layer.output.name for layer in layers or [p.layer]}
+        between: set[str] = set()
+        todo = [x]
+        while todo and len(between) < 256:
+            value = todo.pop()
             producer = value.producer()
-            if not producer.inputs or producer.inputs[0] is None:
-                break
-            value = producer.inputs[0]
-            between.append(value.name)
-        if value.name == out:
+            if value.name in outputs or producer is None or producer.graph is not self.g.graph:
+                continue
+            for v in producer.inputs:
+                if v is not None and v.producer() is not None and v.name not in between:
+                    between.add(v.name)
+                    todo.append(v)
+        if outputs <= between:
             self.report.changed.update(between)
-        return CheckPoint(kept, y.name, 1)
+        return CheckPoint(kept, y.name, p.bn.axis)
 
     def _copy(self, fold: _Fold) -> tuple[list[OnnxFoldPlan], int]:
         """Give the fold's calls their own copy of the weight and/or bias; return the plans on
@@ -416,6 +458,7 @@ def fold_onnx_model(
     """
     g = OnnxGraph(model)
     report = FoldReport()
+    computed = _compute_constant_batchnorms(g)
     sites: dict[ir.Node, AffineSite | str] = {}
     for node in g.graph:
         if is_onnx_op(node, BN_OP):
@@ -436,11 +479,62 @@ def fold_onnx_model(
         for node in order
         if folder.decided[node].folded or not _scalar_arithmetic(sites[node])
     )
+    report.decisions.extend(computed)
     for node, reason in _nested_batchnorms(model):
         report.decisions.append(
             FoldDecision(name=node_name(node), kind=KIND, status=LEFT, reason=reason)
         )
     return report
+
+
+def _batchnorm_of_constants(node: ir.Node, g: OnnxGraph) -> np.ndarray | None:
+    """A BatchNormalization's output when its input and parameters are constants, in float64
+    cast once to the input's dtype: y = scale (x - mean) / sqrt(var + eps) + bias on axis 1,
+    with the statistics of x itself (biased variance) in training mode."""
+    arrays = [g.constant(v) for v in node.inputs[:5]]
+    if any(a is None for a in arrays) or not np.issubdtype(arrays[0].dtype, np.floating):
+        return None
+    x, scale, bias, mean, var = (a.astype(np.float64) for a in arrays)
+    if x.ndim < 2 or any(a.shape != (x.shape[1],) for a in (scale, bias, mean, var)):
+        return None
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    if int(attr(node, "training_mode", 0)):
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    shape = (-1,) + (1,) * (x.ndim - 2)
+    eps = float(attr(node, "epsilon", 1e-5))
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return (y * scale.reshape(shape) + bias.reshape(shape)).astype(arrays[0].dtype)
+
+
+def _compute_constant_batchnorms(g: OnnxGraph) -> list[FoldDecision]:
+    """Replace every BatchNormalization whose input is constant (a weight standardized in the
+    graph, as NF-ResNet's ScaledStdConv2d does) by its value, computed once."""
+    decisions = []
+    for node in [n for n in g.graph if is_onnx_op(n, BN_OP)]:
+        y = node.outputs[0]
+        if g.constant(node.inputs[0]) is None or y.is_graph_output():
+            continue
+        if any(o is not None and (o.uses() or o.is_graph_output()) for o in node.outputs[1:]):
+            continue
+        value = _batchnorm_of_constants(node, g)
+        if value is None:
+            continue
+        init = new_initializer(g, f"{node_name(node)}_computed", value)
+        ir.convenience.replace_all_uses_with(y, init)
+        inputs = list(node.inputs)
+        g.graph.remove(node, safe=True)
+        for v in inputs:
+            drop_if_unused(v, g)
+        decisions.append(
+            FoldDecision(
+                name=node_name(node),
+                kind=KIND,
+                status=FOLDED,
+                direction=COMPUTED,
+                channels=int(value.shape[1]) if value.ndim > 1 else None,
+            )
+        )
+    return decisions
 
 
 def _scalar_arithmetic(site: AffineSite | str) -> bool:

@@ -214,8 +214,8 @@ def _evaluate(nodes: list[ir.Node], value: ir.Value, model: ir.Model) -> np.ndar
         protos.append(proto)
         for i in reads:
             if i is not None and i.name and i.name not in produced and i.is_initializer():
-                inits.append(ir.serde.serialize_tensor(i.const_value))
-                inits[-1].name = i.name
+                # read into memory: the evaluator cannot open a weight stored as external data
+                inits.append(onnx.numpy_helper.from_array(i.const_value.numpy(), i.name))
     graph = onnx.helper.make_graph(
         protos,
         "constant",

@@ -19,6 +19,7 @@ import torch
 from bnexport.folding import math as fm
 from bnexport.folding.channels import (
     NotTransparent,
+    Tracked,
     following_channel_of,
     initial,
     preceding_channel_of,
@@ -165,19 +166,28 @@ def overflow_reason(
     return None
 
 
-def into_preceding(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
-    def refuse(reason: str) -> Refusal:
-        return Refusal(PRECEDING, reason)
-
+def _back(value: ir.Value, g: OnnxGraph) -> tuple[list[ir.Node], ir.Node | None, ir.Value]:
+    """Walk up from `value` through transparent ops: (the ops in data order, the first
+    producer that is not one, the value it writes)."""
     chain: list[ir.Node] = []
-    value = bn.input
     node = value.producer()
     while node is not None and node.graph is g.graph and is_transparent(node):
         chain.append(node)
         value = node.inputs[0]
         node = value.producer() if value is not None else None
-    if node is None or node.graph is not g.graph:
-        return refuse(f"its input comes from {g.describe(None, value)}, not a conv or linear")
+    chain.reverse()
+    if node is not None and node.graph is not g.graph:
+        node = None
+    return chain, node, value
+
+
+def _layer_behind(
+    node: ir.Node | None, value: ir.Value, chain: list[ir.Node], consumer: ir.Node, g: OnnxGraph
+) -> tuple[LayerSite, Tracked] | str:
+    """The layer at `node` whose output reaches `consumer` through `chain` alone, with its
+    channels tracked to the end of the chain; or why not."""
+    if node is None:
+        return f"its input comes from {g.describe(None, value)}, not a conv or linear"
     # a MatMul's bias Add: the layer is the MatMul, its output the Add's
     if is_onnx_op(node, "Add"):
         for operand in node.inputs:
@@ -190,59 +200,143 @@ def into_preceding(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
     layer = match_layer(node, g)
     if isinstance(layer, str):
         if is_onnx_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul"):
-            return refuse(layer)
-        return refuse(f"its input comes from {g.describe(node)}, not a conv or linear")
-    chain.reverse()
+            return layer
+        return f"its input comes from {g.describe(node)}, not a conv or linear"
     produced = [layer.output, *(n.outputs[0] for n in chain)]
     for v in produced:
         if g.sole_consumer(v) is None:
-            users = [u for u in g.consumers(v) if u not in chain and u is not bn.node]
+            users = [u for u in g.consumers(v) if u not in chain and u is not consumer]
             other = g.describe(users[0]) if users else "the model's outputs"
-            return refuse(f"the output '{v.name}' is also used by {other}")
+            return f"the output '{v.name}' is also used by {other}"
     try:
         tr = initial(layer.out_channels, layer.out_axis)
         for n in chain:
             tr = step(n, tr, g)
     except NotTransparent as exc:
-        return refuse(f"an op between {layer.name} and the BN does not commute: {exc}")
+        return f"an op between {layer.name} and the BN does not commute: {exc}"
+    return layer, tr
+
+
+def into_preceding(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | list[OnnxFoldPlan] | Refusal:
+    """Into the layer before the map; per branch when a Concat of layers along the channel
+    axis stands between (each layer takes the slice of channels its outputs fill)."""
+
+    def refuse(reason: str) -> Refusal:
+        return Refusal(PRECEDING, reason)
+
+    chain, node, value = _back(bn.input, g)
+    if node is not None and is_onnx_op(node, "Concat"):
+        return _per_branch(bn, node, chain, g)
+    found = _layer_behind(node, value, chain, bn.node, g)
+    if isinstance(found, str):
+        return refuse(found)
+    layer, tr = found
     channel_of = preceding_channel_of(tr, layer.out_channels, bn.channels, bn.axis)
     if isinstance(channel_of, str):
         return refuse(channel_of.replace("the layer", layer.name))
     return OnnxFoldPlan(PRECEDING, bn, layer, channel_of)
 
 
-def into_following(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
+def _per_branch(
+    bn: AffineSite, concat: ir.Node, chain: list[ir.Node], g: OnnxGraph
+) -> list[OnnxFoldPlan] | Refusal:
+    def refuse(reason: str) -> Refusal:
+        return Refusal(PRECEDING, reason)
+
+    shape = g.shape(concat.outputs[0])
+    if shape is None:
+        return refuse(f"the shape of the output of {g.describe(concat)} is unknown")
+    dim = int(attr(concat, "axis", 0)) % len(shape)
+    if not shape[dim].is_Integer:
+        return refuse(f"the size of the axis {g.describe(concat)} joins on is not fixed")
+    total = int(shape[dim])
+    for v in [concat.outputs[0], *(n.outputs[0] for n in chain)]:
+        if g.sole_consumer(v) is None:
+            return refuse(f"the output '{v.name}' is also used elsewhere")
+    try:
+        tr = initial(total, dim)
+        for n in chain:
+            tr = step(n, tr, g)
+    except NotTransparent as exc:
+        return refuse(f"an op between {g.describe(concat)} and the BN does not commute: {exc}")
+    bn_of_position = preceding_channel_of(tr, total, bn.channels, bn.axis)
+    if isinstance(bn_of_position, str):
+        return refuse(bn_of_position.replace("the layer", g.describe(concat)))
+    plans, offset = [], 0
+    inputs = list(concat.inputs)
+    for k, value in enumerate(inputs):
+        branch_shape = g.shape(value)
+        if value is None or branch_shape is None or not branch_shape[dim].is_Integer:
+            return refuse(f"the size of input {k} of {g.describe(concat)} is not known")
+        if inputs.count(value) > 1:
+            return refuse(f"{g.describe(concat)} reads '{value.name}' twice")
+        size = int(branch_shape[dim])
+        branch_chain, node, start = _back(value, g)
+        found = _layer_behind(node, start, branch_chain, concat, g)
+        if isinstance(found, str):
+            return refuse(f"input {k} of {g.describe(concat)}: {found}")
+        layer, branch_tr = found
+        position = preceding_channel_of(branch_tr, layer.out_channels, size, dim)
+        if isinstance(position, str):
+            return refuse(position.replace("the layer", layer.name))
+        plans.append(OnnxFoldPlan(PRECEDING, bn, layer, bn_of_position[offset + position]))
+        offset += size
+    return plans
+
+
+MAX_BRANCHES = 16
+
+
+def _forward(value: ir.Value, g: OnnxGraph) -> list[tuple[list[ir.Node], ir.Node]] | str:
+    """Every path from `value` through transparent or positively homogeneous ops to a layer
+    (Conv, ConvTranspose, Gemm, MatMul) reading it as data, when every path ends at one."""
+    found: list[tuple[list[ir.Node], ir.Node]] = []
+    stack: list[tuple[ir.Value, list[ir.Node]]] = [(value, [])]
+    while stack:
+        value, chain = stack.pop()
+        if value.is_graph_output():
+            return f"'{value.name}' is an output of the model"
+        users = g.consumers(value)
+        if not users:
+            return f"'{value.name}' is not used"
+        for nxt in users:
+            if nxt.graph is not g.graph:
+                return f"its output is read inside the body of {g.describe(nxt)}"
+            if nxt.inputs[0] is not value or sum(v is value for v in nxt.inputs) != 1:
+                return f"its output feeds {g.describe(nxt)} as a parameter, not as data"
+            if is_onnx_op(nxt, "Conv", "ConvTranspose", "Gemm", "MatMul"):
+                found.append((chain, nxt))
+            elif is_transparent(nxt) or is_homogeneous(nxt):
+                stack.append((nxt.outputs[0], [*chain, nxt]))
+            else:
+                return f"its output feeds {g.describe(nxt)}"
+        if len(found) + len(stack) > MAX_BRANCHES:
+            return f"its output reaches more than {MAX_BRANCHES} layers"
+    return found
+
+
+def into_following(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | list[OnnxFoldPlan] | Refusal:
+    """Into the layer after the map, or into every layer its output reaches."""
+
     def refuse(reason: str) -> Refusal:
         return Refusal(FOLLOWING, reason)
 
-    chain: list[ir.Node] = []
-    value = bn.output
-    while True:
-        users = g.consumers(value)
-        if value.is_graph_output():
-            return refuse(f"'{value.name}' is an output of the model")
-        if len(users) != 1:
-            others = ", ".join(g.describe(u) for u in users[:3]) or "nothing"
-            return refuse(f"its output goes to {len(users)} consumers ({others})")
-        nxt = users[0]
-        if nxt.graph is not g.graph:
-            return refuse(f"its output is read inside the body of {g.describe(nxt)}")
-        if nxt.inputs[0] is not value:
-            return refuse(f"its output feeds {g.describe(nxt)} as a parameter, not as data")
-        if is_onnx_op(nxt, "Conv", "ConvTranspose", "Gemm", "MatMul"):
-            break
-        if not is_transparent(nxt) and not is_homogeneous(nxt):
-            return refuse(f"its output feeds {g.describe(nxt)}")
-        chain.append(nxt)
-        value = nxt.outputs[0]
-    layer = match_layer(nxt, g)
-    if isinstance(layer, str):
-        return refuse(layer)
+    paths = _forward(bn.output, g)
+    if isinstance(paths, str):
+        return refuse(paths)
+    branches = []
+    for chain, node in paths:
+        layer = match_layer(node, g)
+        if isinstance(layer, str):
+            return refuse(layer)
+        branches.append((chain, layer))
     # zero padding (and a transposed conv's varying number of taps per output) would not see
     # the shift, nor would the scale pass a ReLU with it: only the scale folds, the shift
     # stays as an Add where the BN was
-    nonlinear = [n for n in chain if is_homogeneous(n)]
-    shift_kept = layer.kind == "conv_transpose" or zero_padded(layer, g) or bool(nonlinear)
+    nonlinear = [n for chain, _ in branches for n in chain if is_homogeneous(n)]
+    shift_kept = bool(nonlinear) or any(
+        layer.kind == "conv_transpose" or zero_padded(layer, g) for _, layer in branches
+    )
     if nonlinear:
         problem = positive_scale_reason(bn.s, g.describe(nonlinear[0]))
         if problem:
@@ -251,26 +345,29 @@ def into_following(bn: AffineSite, g: OnnxGraph) -> OnnxFoldPlan | Refusal:
         shift_kept = False  # no shift to keep (a layer scale): the scale alone folds
     if shift_kept and g.shape(bn.input) is None:
         return refuse(
-            f"the rank of its input is unknown, so its shift cannot be kept as an Add before "
-            f"{layer.name}"
+            "the rank of its input is unknown, so its shift cannot be kept as an Add before "
+            f"{branches[0][1].name}"
         )
-    try:
-        if bn.channels == 1:  # a scalar map: any linear op on channels passes it
-            for n in chain:
-                step_scalar(n, g)
-            in_channels = layer.weight_array.shape[layer.layout.in_axis]
-            in_channels *= layer.layout.groups if layer.layout.in_axis == 1 else 1
-            channel_of = np.zeros(in_channels, dtype=np.int64)
-        else:
-            tr = initial(bn.channels, bn.axis)
-            for n in chain:
-                tr = step(n, tr, g)
-            channel_of = following_channel_of(tr, layer.in_axis)
-    except NotTransparent as exc:
-        return refuse(f"an op between the BN and {layer.name} does not commute: {exc}")
-    if isinstance(channel_of, str):
-        return refuse(channel_of.replace("the layer", layer.name))
-    return OnnxFoldPlan(FOLLOWING, bn, layer, channel_of, shift_kept)
+    plans = []
+    for chain, layer in branches:
+        try:
+            if bn.channels == 1:  # a scalar map: any linear op on channels passes it
+                for n in chain:
+                    step_scalar(n, g)
+                in_channels = layer.weight_array.shape[layer.layout.in_axis]
+                in_channels *= layer.layout.groups if layer.layout.in_axis == 1 else 1
+                channel_of = np.zeros(in_channels, dtype=np.int64)
+            else:
+                tr = initial(bn.channels, bn.axis)
+                for n in chain:
+                    tr = step(n, tr, g)
+                channel_of = following_channel_of(tr, layer.in_axis)
+        except NotTransparent as exc:
+            return refuse(f"an op between the BN and {layer.name} does not commute: {exc}")
+        if isinstance(channel_of, str):
+            return refuse(channel_of.replace("the layer", layer.name))
+        plans.append(OnnxFoldPlan(FOLLOWING, bn, layer, channel_of, shift_kept))
+    return plans[0] if len(plans) == 1 else plans
 
 
 def positive_scale_reason(s: torch.Tensor, op: str) -> str | None:

@@ -217,23 +217,23 @@ def _write_bias(
 
 
 def _add_after(node: ir.Node, value: ir.Value, g: OnnxGraph) -> None:
+    """An Add of the bias `value` after `node`; the Add's output takes the name of the node's
+    output (which the fold's check points name), the node's own output a new one."""
     out = node.outputs[0]
     users = list(out.uses())
     add = ir.Node("", "Add", [out, value], name=g.fresh_name(f"{node_name(node)}_bias_add"))
     result = add.outputs[0]
-    result.name = g.fresh_name(f"{out.name}_biased")
     if out.type is not None:
         result.type, result.shape = out.type, out.shape
     g.graph.insert_after(node, add)
     for use in users:
         use.node.replace_input_with(use.idx, result)
+    name = out.name
+    out.name = g.fresh_name(f"{name}_unbiased")
+    result.name = name
     if out.is_graph_output():
         outputs = g.graph.outputs
-        index = outputs.index(out)
-        name = out.name
-        out.name = g.fresh_name(f"{name}_unbiased")
-        result.name = name
-        outputs[index] = result
+        outputs[outputs.index(out)] = result
 
 
 def repoint(node: ir.Node, old: ir.Value, new: ir.Value) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from bnexport.folding.affines import ConstantValues, affine_calls, match_affine
+from bnexport.folding.channels import is_transparent_op
 from bnexport.folding.checks import check_batchnorm_state
 from bnexport.folding.math import (
     F64,
@@ -43,10 +44,20 @@ from bnexport.folding.sites import (
     BatchNormCall,
     LayerCall,
     data_users,
+    is_layer_like,
     match_batchnorm,
     match_layer,
+    module_scope,
 )
-from bnexport.report import FOLDED, LEFT, UNUSED, CheckPoint, FoldDecision, FoldReport
+from bnexport.report import (
+    COMPUTED,
+    FOLDED,
+    LEFT,
+    UNUSED,
+    CheckPoint,
+    FoldDecision,
+    FoldReport,
+)
 
 aten = torch.ops.aten
 
@@ -508,6 +519,17 @@ def _check_point(
     bn = plan.bn
     layers = layers or [plan.layer.node]
     if plan.direction != PRECEDING:
+        # the ops between the BN and the layers now carry values without the BN
+        todo = [bn.node]
+        while todo:
+            for user in data_users(todo.pop()):
+                if (
+                    user not in layers
+                    and user.op == "call_function"
+                    and user.name not in report.changed
+                ):
+                    report.changed.add(user.name)
+                    todo.append(user)
         return CheckPoint(layers[0].name, layers[0].name, plan.layer.out_axis)
     # the BN's input (the layer's output, a reshape or a concatenation of layer outputs) now
     # stands for the BN's output, and what lies between the layers and it holds values the
@@ -531,6 +553,78 @@ def _check_point(
 def batchnorm_calls(graph: fx.Graph) -> list[BatchNormCall]:
     """The BatchNorm calls of a graph, in data-flow order."""
     return [c for c in (match_batchnorm(n) for n in graph.nodes) if c is not None]
+
+
+def _compute_constant_batchnorms(
+    state: ProgramState, constants: ConstantValues, exact: dict | None
+) -> list[FoldDecision]:
+    """Replace every BN call whose input is constant (NF-ResNet's ScaledStdConv2d standardizes
+    its weight with `F.batch_norm(weight, training=True)` in forward) by its value, computed
+    once as the program computes it, as a new parameter."""
+    decisions = []
+    calls = batchnorm_calls(state.graph)
+    for call, name in zip(calls, call_names(calls)):
+        tuple_outputs = [] if call.op_node is call.node else list(call.op_node.users)
+        if constants(call.input) is None or any(
+            u is not call.node and u.users for u in tuple_outputs
+        ):
+            continue
+        value = constants(call.node)
+        if value is None:
+            continue
+        path = module_scope(call.node)[0]
+        param = state.add_parameter(f"{path}.standardized" if path else "standardized", value)
+        if exact is not None:
+            exact[state.target(param)] = value.to(F64)
+        call.node.replace_all_uses_with(param)
+        for node in [call.node, *reversed(call.extra_nodes)]:
+            if not node.users:
+                state.graph.erase_node(node)
+        decisions.append(
+            FoldDecision(
+                name=name,
+                kind=call.kind,
+                status=FOLDED,
+                direction=COMPUTED,
+                channels=call.channels,
+            )
+        )
+    return decisions
+
+
+def _store_computed_weights(
+    state: ProgramState, constants: ConstantValues, exact: dict | None
+) -> None:
+    """Give each conv or linear whose weight or bias is computed from stored tensors alone (a
+    standardized or reshaped weight) that value as a parameter of its own, so that maps fold
+    into it."""
+    for node in list(state.graph.nodes):
+        if not is_layer_like(node):
+            continue
+        for index, key in ((1, "weight"), (2, "bias")):
+            arg = node.args[index] if len(node.args) > index else node.kwargs.get(key)
+            if not isinstance(arg, fx.Node) or state.target(arg) is not None:
+                continue
+            value = constants(arg)
+            if value is None or _view_of_shared(arg):
+                continue  # a view of a tensor used elsewhere too (a tied weight) stays one
+            path = module_scope(node)[0]
+            param = state.add_parameter(f"{path}.{key}" if path else key, value.clone())
+            if exact is not None:
+                exact[state.target(param)] = value.to(F64)
+            node.replace_input_with(arg, param)
+
+
+def _view_of_shared(node: fx.Node) -> bool:
+    """Whether `node` is a stored tensor seen through reshapes, transposes and copies only,
+    which something else reads too (storing the view would copy the tensor)."""
+    while node.op == "call_function":
+        if not is_transparent_op(node) and node.target is not aten.expand.default:
+            return False
+        if len(data_users(node.args[0])) > 1:
+            return True
+        node = node.args[0]
+    return False
 
 
 def _map_calls(graph: fx.Graph, constants: ConstantValues) -> list[BatchNormCall]:
@@ -569,10 +663,12 @@ def fold_program(
     """
     state = ProgramState(program, copy_graph=copy_graph)
     constants = ConstantValues(state)
+    report = FoldReport()
+    computed = _compute_constant_batchnorms(state, constants, exact)
+    _store_computed_weights(state, constants, exact)
     calls = _map_calls(state.graph, constants)
     names = call_names(calls)
     name_of = {c.op_node: n for c, n in zip(calls, names)}
-    report = FoldReport()
     for call in calls:
         if call.batchnorm:
             report.warnings.extend(check_batchnorm_state(call, state))
@@ -646,6 +742,7 @@ def fold_program(
         for c in calls
         if decided[c.op_node].folded or c.batchnorm or c.channels > 1
     )
+    report.decisions.extend(computed)
     weights = [state.value(state.target(f.layer.weight)) for f in pending.values()]
     largest = max((min(_block_rows(w), w.shape[0]) * w[0].numel() for w in weights), default=0)
     workspace = _Workspace(largest)  # allocated once, at the size of the largest block
