@@ -10,6 +10,7 @@ Exit codes: 0 exported and verified; 1 exported but verification failed (file ke
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -116,6 +117,40 @@ def _common(fn, verification: bool = True):
     return fn
 
 
+def _detail(fn, verbose: bool = True):
+    """-q/--quiet (the verdict line only) and -v/--verbose (every BN and every layer)."""
+    options = [
+        click.option(
+            "-q",
+            "--quiet",
+            is_flag=True,
+            help="Print only the verdict line (the exit code says the same).",
+        )
+    ]
+    if verbose:
+        options.append(
+            click.option(
+                "-v",
+                "--verbose",
+                is_flag=True,
+                help="Print every BatchNorm and every folded layer, not only the summary, "
+                "what was left and the layers closest to their tolerance.",
+            )
+        )
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _detail_level(kw: dict) -> str:
+    from bnexport.render import DEFAULT, QUIET, VERBOSE
+
+    quiet, verbose = kw.pop("quiet"), kw.pop("verbose", False)
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other: give one.")
+    return QUIET if quiet else VERBOSE if verbose else DEFAULT
+
+
 def _option_names(decorator) -> list[str]:
     """The flags a click.option decorator declares (applied to a throwaway function)."""
 
@@ -187,6 +222,7 @@ def main() -> None:
     help="With --fp16 (implies it): float16 inputs and outputs too (default: float32).",
 )
 @_common
+@_detail
 def fold(
     model,
     output,
@@ -201,6 +237,7 @@ def fold(
 ) -> None:
     """Fold MODEL's BatchNorms, export it to ONNX and verify the export."""
     debug = kw.pop("debug")
+    detail = _detail_level(kw)
     opts = _options(
         model=model,
         output=output,
@@ -213,18 +250,20 @@ def fold(
         fp16_io=fp16_io,
         **kw,
     )
-    _run(lambda runs, progress: runs.run_fold(opts, progress), debug)
+    _run(lambda runs, progress: runs.run_fold(opts, progress), debug, detail)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("onnx_file", metavar="OUT.onnx", type=click.Path(path_type=Path))
 @_common
+@_detail
 def verify(model, onnx_file, **kw) -> None:
     """Check that OUT.onnx computes what MODEL computes in eval mode."""
     debug = kw.pop("debug")
+    detail = _detail_level(kw)
     opts = _options(model=model, **kw)
-    _run(lambda runs, progress: runs.run_verify(opts, onnx_file, progress), debug)
+    _run(lambda runs, progress: runs.run_verify(opts, onnx_file, progress), debug, detail)
 
 
 @main.command(
@@ -238,14 +277,21 @@ def verify(model, onnx_file, **kw) -> None:
     help="Draw the drift of every BN as a PNG (needs --data and matplotlib: bnexport[plot]).",
 )
 @_loading
+@_detail
 def inspect(model, plot, **kw) -> None:
     """Show every BatchNorm's statistics, flags and fold decision; with --data, how far the
     running averages are from the data."""
     from bnexport.render import render_inspect
 
     debug = kw.pop("debug")
+    detail = _detail_level(kw)
     opts = _options(model=model, **kw)
-    _run(lambda runs, progress: runs.run_inspect(opts, plot, progress), debug, render_inspect)
+    _run(
+        lambda runs, progress: runs.run_inspect(opts, plot, progress),
+        debug,
+        detail,
+        render_inspect,
+    )
 
 
 @main.command(
@@ -266,16 +312,19 @@ def inspect(model, plot, **kw) -> None:
     help="Samples per chunk of the pass over the data (default 256).",
 )
 @_loading
+@functools.partial(_detail, verbose=False)
 def recalibrate(model, output, batch_size, **kw) -> None:
     """Replace every BN's running statistics with the exact statistics of its input over
     --data, each computed with the BNs upstream already recalibrated."""
     from bnexport.render import render_recalibrate
 
     debug = kw.pop("debug")
+    detail = _detail_level(kw)
     opts = _options(model=model, output=output, **kw)
     _run(
         lambda runs, progress: runs.run_recalibrate(opts, batch_size, progress),
         debug,
+        detail,
         render_recalibrate,
     )
 
@@ -313,23 +362,19 @@ class _Failure(click.ClickException):
         click.echo(f"error: {self.message}", file=file, err=file is None)
 
 
-def _run(job, debug: bool, render=None) -> None:
+def _run(job, debug: bool, detail: str, render=None) -> None:
     from rich.console import Console
 
     from bnexport import runs
     from bnexport.interrupts import completed, raise_if_interrupted
-    from bnexport.render import render_run
+    from bnexport.render import QUIET, render_run, stage_display
 
     render = render or render_run
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        with _quiet_libraries(debug):
-            if out.is_terminal:
-                with err.status("working") as status:
-                    report = job(runs, lambda msg: status.update(msg))
-            else:
-                report = job(runs, lambda msg: None)
+        with _quiet_libraries(debug), stage_display(err, show=detail != QUIET) as progress:
+            report = job(runs, progress)
     except BnexportError as exc:
         raise_if_interrupted()  # an error that a signal caused is the interrupt
         if debug:
@@ -345,7 +390,7 @@ def _run(job, debug: bool, render=None) -> None:
             EXIT_BAD_INPUT,
         ) from None
     completed()  # the run's files are in place: a signal now changes nothing
-    render(report, out)
+    render(report, out, detail)
     raise SystemExit(report.exit_code)
 
 

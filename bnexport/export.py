@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,6 +104,81 @@ def count_batchnorm_nodes(model) -> int:
         for graph in graphs
         for node in ir.traversal.RecursiveGraphIterator(graph)
     )
+
+
+def count_ops(model) -> dict[str, int]:
+    """Nodes of the main graph by op_type (an onnx_ir model or an onnx ModelProto)."""
+    from onnxscript import ir
+
+    nodes = model.graph if isinstance(model, ir.Model) else model.graph.node
+    return dict(Counter(node.op_type for node in nodes))
+
+
+# The ops a fold removes or adds, by the aten op (overload packet) they are traced as; each
+# exports as one ONNX node of this type.
+_TRACED_AS = {"mul": "Mul", "add": "Add", "sub": "Sub", "div": "Div"}
+
+
+def traced_ops(program) -> Counter:
+    """The nodes of a torch.export program that compute on its inputs, counted by the ONNX
+    op each exports as, for the ops a fold removes or adds: batch norms
+    (BatchNormalization) and arithmetic (Mul, Add, Sub, Div). Arithmetic on stored tensors
+    alone (a frozen BN's scale computed from its buffers) is not counted: the exporter turns
+    it into a constant."""
+    data = set(program.graph_signature.user_inputs)
+    on_data: set = set()
+    counts: Counter = Counter()
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in data:
+                on_data.add(node)
+            continue
+        if not any(arg in on_data for arg in node.all_input_nodes):
+            continue
+        on_data.add(node)
+        packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        if "batch_norm" in packet:
+            counts["BatchNormalization"] += 1
+        elif packet in _TRACED_AS:
+            counts[_TRACED_AS[packet]] += 1
+    return counts
+
+
+def ops_before_fold(after: dict[str, int], traced: Counter, folded: Counter) -> dict[str, int]:
+    """The op counts of the export of a program before its fold, from those of the folded
+    program's export (`after`) and the two programs' `traced_ops`: what the fold removed
+    (BNs, arithmetic by constants) added back, what it added (an Add that keeps a shift)
+    taken away. This is the graph `torch.onnx.export` writes of the original when it keeps
+    every BN a node, without exporting it a second time."""
+    before = Counter(after)
+    before.update(traced)
+    before.subtract(folded)
+    return {op: n for op, n in before.items() if n > 0}
+
+
+def ops_with_folds_undone(after: dict[str, int], fold: FoldReport) -> dict[str, int]:
+    """The op counts of a file with the BN folds of `fold` undone: each folded BN back as one
+    BatchNormalization node, each Add that keeps a shift (`shift_kept`) gone."""
+    before = Counter(after)
+    for d in fold.folded:
+        before["BatchNormalization"] += 1
+        if d.shift_kept:
+            before["Add"] -= 1
+    return {op: n for op, n in before.items() if n > 0}
+
+
+def recorded_ops_before(path: str | Path) -> dict[str, int] | None:
+    """The op counts before the fold that a file bnexport wrote records in its metadata
+    (None for a file without them)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        counts = json.loads(meta["bnexport_ops_before"])
+        return {str(op): int(n) for op, n in counts.items()}
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _external_files(model) -> list[str]:

@@ -246,6 +246,37 @@ class OnnxInfo:
 
 
 @dataclass
+class OpCounts:
+    """Nodes of the main ONNX graph by op_type, before and after the fold.
+
+    `after` is the file written (or checked). `before` is the original's graph: for an ONNX
+    input, the input file's own nodes; for a checkpoint, the graph the exporter writes of the
+    original with every BN a node (`bnexport.export.ops_before_fold`)."""
+
+    before: dict[str, int]
+    after: dict[str, int]
+
+    def changed(self) -> list[tuple[str, int, int]]:
+        """(op_type, before, after) of every op whose count changed, largest change first."""
+        ops = set(self.before) | set(self.after)
+        rows = [(op, self.before.get(op, 0), self.after.get(op, 0)) for op in ops]
+        rows = [r for r in rows if r[1] != r[2]]
+        return sorted(rows, key=lambda r: (-abs(r[2] - r[1]), r[0]))
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        """(op_type, before, after) of every op, most frequent first."""
+        ops = set(self.before) | set(self.after)
+        rows = [(op, self.before.get(op, 0), self.after.get(op, 0)) for op in ops]
+        return sorted(rows, key=lambda r: (-max(r[1], r[2]), r[0]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": dict(sorted(self.before.items())),
+            "after": dict(sorted(self.after.items())),
+        }
+
+
+@dataclass
 class OutputCheck:
     """One output's errors over every batch compared."""
 
@@ -435,6 +466,7 @@ class RunReport:
     reference: str = "eval-mode PyTorch"  # what the ONNX file was compared with
     recalibrated: dict | None = None  # fold --recalibrate: data, samples, BNs
     float16: Any = None  # fold --fp16: the HalfReport (layers kept in float32, weight bytes)
+    op_counts: OpCounts | None = None  # ONNX nodes by op_type, before and after the fold
 
     @property
     def verdict(self) -> str:
@@ -472,6 +504,8 @@ class RunReport:
             out["recalibrated"] = self.recalibrated
         if self.float16 is not None:
             out["float16"] = self.float16.to_dict()
+        if self.op_counts is not None:
+            out["op_counts"] = self.op_counts.to_dict()
         verify = self.verify.to_dict() if self.verify is not None else {"passed": False}
         if self.verify_error:
             verify["passed"] = False

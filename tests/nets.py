@@ -181,3 +181,38 @@ class WithUnusedBatchNorm(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.bn(self.conv(torch.relu(self.input_bn(x))))).flatten(1))
+
+
+class ManyReasons(nn.Module):
+    """A small net whose report has every kind of line: BNs left for several reasons (after an
+    addition, on the model input, after a max pool, after a conv whose output is also used
+    elsewhere), a shift kept as an Add (a BN before a zero-padded conv), a layer called twice
+    whose BN folds once, and a BN that forward never calls."""
+
+    def __init__(self, width: int = 8, blocks: int = 4, classes: int = 5):
+        super().__init__()
+        self.input_bn = nn.BatchNorm2d(3)
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.pool_bn = nn.BatchNorm2d(width)
+        self.blocks = nn.Sequential(*(PreActBlock(width, width) for _ in range(blocks)))
+        self.tap = nn.Conv2d(width, width, 1)
+        self.tap_bn = nn.BatchNorm2d(width)
+        self.pre_bn = nn.BatchNorm2d(width)
+        self.padded = nn.Conv2d(width, width, 3, padding=1)
+        self.shared = nn.Conv2d(width, width, 1, bias=False)
+        self.shared_bn = nn.BatchNorm2d(width)
+        self.spare_bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(F.relu(self.input_bn(x)))
+        x = self.blocks(F.relu(self.pool_bn(F.max_pool2d(x, 3, 1, 1))))
+        t = self.tap(x)
+        x = self.padded(self.pre_bn(F.relu(self.tap_bn(t)) + t))
+        for _ in range(2):
+            x = F.relu(self.shared_bn(self.shared(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def many_reasons() -> ManyReasons:
+    return randomize_bn(ManyReasons()).eval()

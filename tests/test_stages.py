@@ -63,7 +63,7 @@ def test_console_entry_exit_codes(small_pt2, tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.rstrip().splitlines()[-1].startswith("verify: PASS")
+    assert done.stdout.splitlines()[0].startswith("verify: PASS")
     done = subprocess.run(
         [sys.executable, "-m", "bnexport", "fold", str(tmp_path / "missing.pt2")],
         capture_output=True,

@@ -13,11 +13,19 @@ import functools
 import gc
 from pathlib import Path
 
-from bnexport.export import onnx_metadata, release_weights, save_onnx_model, to_onnx_program
+from bnexport.export import (
+    count_ops,
+    onnx_metadata,
+    ops_before_fold,
+    release_weights,
+    save_onnx_model,
+    to_onnx_program,
+    traced_ops,
+)
 from bnexport.folding.torch_engine import fold_program
 from bnexport.input_profile import program_profile
 from bnexport.inputs import example_inputs
-from bnexport.report import RunReport
+from bnexport.report import OpCounts, RunReport
 from bnexport.runs.float16 import convert_to_float16, record_float16_run
 from bnexport.runs.labels import check_labels
 from bnexport.runs.layers import record_layer_values
@@ -39,6 +47,7 @@ def fold_checkpoint(
 ) -> list:
     """Fold, export and write the checkpoint; returns the recorded reference outputs."""
     source = prep.source
+    progress("tracing the model with torch.export")
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )
@@ -64,6 +73,7 @@ def fold_checkpoint(
     _collect(large)
 
     progress("folding BatchNorm layers")
+    traced = traced_ops(program)  # before the fold rewrites it in place
     exact: dict | None = {} if opts.fp16 else None  # float64 folded values, rounded once
     folded, report.fold = fold_program(
         program,
@@ -80,18 +90,23 @@ def fold_checkpoint(
     progress("exporting to ONNX")
     onnx_program = to_onnx_program(folded, opset=opts.opset)
     model = onnx_program.model
+    before = ops_before_fold(count_ops(model), traced, traced_ops(folded))  # as exported
     if opts.fp16:
         model = convert_to_float16(model, prep, opts, report, progress, exact)
+    report.op_counts = OpCounts(before, count_ops(model))
     save_folded = None
     if opts.save_folded is not None:
         # written after onnx.checker accepts the export and before the ONNX file is moved
         # into place: a run that fails leaves neither
         report.saved_program = str(opts.save_folded)
         save_folded = functools.partial(save_program, folded, Path(opts.save_folded))
+    progress("writing and checking the ONNX file")
     report.onnx = save_onnx_model(
         model,
         output,
-        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        metadata=onnx_metadata(
+            report.fold, bnexport_source=Path(opts.model).name, bnexport_ops_before=before
+        ),
         external_data=opts.external_data,
         threshold=opts.external_data_threshold,
         before_commit=save_folded,

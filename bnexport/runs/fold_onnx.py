@@ -11,11 +11,11 @@ import functools
 from pathlib import Path
 
 from bnexport.errors import BadInputError
-from bnexport.export import has_external_data, onnx_metadata, save_onnx_model
+from bnexport.export import count_ops, has_external_data, onnx_metadata, save_onnx_model
 from bnexport.folding.onnx_engine import fold_onnx_model
 from bnexport.input_profile import onnx_profile
 from bnexport.load_onnx import keep_declared_value_info, onnx_checker_error
-from bnexport.report import RunReport
+from bnexport.report import OpCounts, RunReport
 from bnexport.runs.float16 import convert_to_float16, record_float16_file
 from bnexport.runs.labels import check_labels
 from bnexport.runs.options import Progress, RunOptions
@@ -52,6 +52,7 @@ def fold_onnx_file(
     if opts.fp16:
         record_float16_file(model, prep, report, progress)
     came_external = has_external_data(model)  # before folds replace external tensors
+    before = count_ops(model)
 
     progress("folding BatchNormalization nodes")
     exact: dict | None = {} if opts.fp16 else None  # float64 folded values, rounded once
@@ -60,6 +61,7 @@ def fold_onnx_file(
     keep_declared_value_info(model)
     if opts.fp16:
         model = convert_to_float16(model, prep, opts, report, progress, exact)
+    report.op_counts = OpCounts(before, count_ops(model))
 
     progress("writing the folded ONNX file")
     external = opts.external_data
@@ -68,7 +70,9 @@ def fold_onnx_file(
     report.onnx = save_onnx_model(
         model,
         output,
-        metadata=onnx_metadata(report.fold, bnexport_source=Path(opts.model).name),
+        metadata=onnx_metadata(
+            report.fold, bnexport_source=Path(opts.model).name, bnexport_ops_before=before
+        ),
         external_data=external,
         threshold=opts.external_data_threshold,
         accept_checker_error=functools.partial(_input_fails_checker_too, opts.model, report),

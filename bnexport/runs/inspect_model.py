@@ -33,6 +33,7 @@ def run_inspect(
             f"'{opts.model}' is an ONNX model; `bnexport inspect` reads the statistics of "
             "PyTorch checkpoints. Inspect the checkpoint it was exported from."
         )
+    progress("tracing the model with torch.export")
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )

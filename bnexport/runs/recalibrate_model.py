@@ -51,6 +51,7 @@ def run_recalibrate(
             "of PyTorch checkpoints. Recalibrate the checkpoint, then export it."
         )
     check_calibration_data(dataset, prep.specs)
+    progress("tracing the model with torch.export")
     program = source.to_program(
         example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
     )

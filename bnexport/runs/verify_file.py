@@ -8,11 +8,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from bnexport.errors import BadInputError, summarize_exception
-from bnexport.export import describe_onnx
+from bnexport.export import (
+    count_ops,
+    describe_onnx,
+    ops_with_folds_undone,
+    recorded_ops_before,
+)
 from bnexport.files import all_or_nothing
 from bnexport.input_profile import onnx_profile, program_profile
 from bnexport.inputs import example_inputs
-from bnexport.report import RunReport
+from bnexport.report import OpCounts, RunReport
 from bnexport.runs.check import verify_output
 from bnexport.runs.labels import check_labels
 from bnexport.runs.layers import folds_in_file, record_layer_values
@@ -42,6 +47,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     if prep.onnx_in:
         profile_batches(prep, onnx_profile(prep.source.model, prep.original_path, prep.specs))
     else:
+        progress("tracing the model with torch.export")
         program = prep.source.to_program(
             example_inputs(prep.specs, dynamic=prep.dynamic), dynamic_batch=prep.dynamic
         )
@@ -54,6 +60,7 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     report = RunReport(
         "verify", str(opts.model), str(onnx_path), onnx=info, warnings=list(prep.source.warnings)
     )
+    report.op_counts = _op_counts(onnx_path, prep, folds)
     check_labels(prep, reference, report)
     if prep.onnx_in:
         report.reference = ONNX_REFERENCE
@@ -65,6 +72,19 @@ def run_verify(opts: RunOptions, onnx_path: Path, progress: Progress = quiet) ->
     if opts.json_path is not None:
         save_report(report, opts.json_path)
     return report
+
+
+def _op_counts(onnx_path: Path, prep: Prepared, folds) -> OpCounts:
+    """The file's nodes by op_type, and the original's: an ONNX original's own file; for a
+    checkpoint, what the fold that wrote the file recorded, or for a file without that
+    record the file's with the BN folds its tensor names show undone."""
+    import onnx
+
+    after = count_ops(onnx.load(str(onnx_path), load_external_data=False))
+    if prep.onnx_in:
+        return OpCounts(count_ops(prep.source.model), after)
+    before = recorded_ops_before(onnx_path)
+    return OpCounts(before if before is not None else ops_with_folds_undone(after, folds), after)
 
 
 def _follow_static_batch(prep: Prepared, info, opts: RunOptions) -> None:
