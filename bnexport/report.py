@@ -90,6 +90,13 @@ class FoldDecision:
         return self.status == FOLDED
 
     @property
+    def label(self) -> str:
+        """The name for a table: a map that is not a BN carries its kind."""
+        if self.batchnorm or self.name.startswith(self.kind):
+            return self.name
+        return f"{self.kind} {self.name}"
+
+    @property
     def detail(self) -> str:
         """What happened to this BN, in a sentence fragment (its reason when left)."""
         if not self.folded:
@@ -164,8 +171,9 @@ class FoldReport:
         raise KeyError(name)
 
     def rows(self) -> list[tuple[str, str, str]]:
-        """(name, outcome, detail) per BN."""
-        return [(d.name, d.status, d.detail) for d in self.decisions]
+        """(name, outcome, detail) per BN and other affine map; a map that is not a BN is
+        named with what it is (`FrozenBatchNorm2d layer1.0.bn1`)."""
+        return [(d.label, d.status, d.detail) for d in self.decisions]
 
     def summary(self) -> str:
         """One line, counting exactly what the JSON counts."""
@@ -175,9 +183,10 @@ class FoldReport:
         maps = [d for d in self.folded + self.left if not d.batchnorm]
         if maps:
             kept = sum(not d.folded for d in maps)
-            line += (
-                f"; other affine maps (Mul/Add by constants, frozen BNs, layer scales): "
-                f"{len(maps)} before, {kept} after ({len(maps) - kept} folded)"
+            counts = f"{len(maps)} before, {kept} after ({len(maps) - kept} folded)"
+            what = "affine maps (Mul/Add by constants, frozen BNs, layer scales)"
+            line = (
+                f"{line}; other {what}: {counts}" if bns else f"BatchNorm: none; {what}: {counts}"
             )
         if self.adds_added:
             plural = "s" if self.adds_added != 1 else ""

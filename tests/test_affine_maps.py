@@ -141,9 +141,9 @@ def test_frozen_batchnorm_resnet_folds_every_frozen_bn():
     assert _targets(result).count(aten.add.Tensor) == len(model.layers)
     _close_to_float64(model, result, x)
     summary = result.report.summary()
-    assert f"other affine maps (Mul/Add by constants, frozen BNs, layer scales): {len(frozen)}" in (
-        summary
-    )
+    what = "affine maps (Mul/Add by constants, frozen BNs, layer scales)"
+    assert summary.startswith(f"BatchNorm: none; {what}: {len(frozen)} before, 0 after"), summary
+    assert "FrozenBatchNorm2d layers.0.bn1" in str(result.report)
 
 
 # --------------------------------------------------------------------------- ConvNeXt
