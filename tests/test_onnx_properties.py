@@ -70,7 +70,7 @@ class Builder:
     inits: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     param_inputs: list = field(default_factory=list)  # initializers also listed as inputs
-    expect: dict = field(default_factory=dict)  # BN node name -> FOLDED / LEFT / None
+    expect: dict = field(default_factory=dict)  # BN node name -> FOLDED / LEFT
     last_bn_params: list = field(default_factory=list)  # the initializers the last BN reads
     log: list = field(default_factory=list)
     count: int = 0
@@ -127,7 +127,7 @@ class Builder:
         self,
         x: str,
         channels: int,
-        expect: str | None,
+        expect: str,
         *,
         param_input: bool = False,
         training: bool = False,
@@ -526,11 +526,8 @@ def pointwise(draw, g: Builder, x: T) -> tuple[T, bool]:
 
 
 def blk_pointwise_matmul_bn(draw, g: Builder, x: T) -> T:
-    y, reshaped = pointwise(draw, g, x)
-    # a 1-wide layer reshaped among unit axes is tracked onto the wrong unit axis and the BN
-    # is left (a missed fold, see test_reshape_to_unit_channel_axis_folds)
-    expect = None if reshaped and y.channels == 1 else FOLDED
-    return T(g.bn(y.name, y.channels, expect), y.shape)
+    y, _ = pointwise(draw, g, x)
+    return T(g.bn(y.name, y.channels, FOLDED), y.shape)
 
 
 def blk_bn_pointwise_matmul(draw, g: Builder, x: T) -> T:
@@ -614,9 +611,8 @@ def blk_gemm_reshape_bn(draw, g: Builder, x: T) -> T:
     y = gemm(draw, g, x, via_trans_a=False, n=c * k)
     head = draw(st.sampled_from([0, -1]))
     r = g.node("Reshape", [y.name, g.ints([head, c, k, 1])])
-    # with c == 1 the engine tracks the layer channels onto axis 2 and leaves the BN (a missed
-    # fold, see test_reshape_to_unit_channel_axis_folds)
-    return T(g.bn(r, c, FOLDED if c > 1 or k == 1 else None), (c, k, 1))
+    # c == 1, k == 2 folds too: see test_reshape_to_unit_channel_axis_folds
+    return T(g.bn(r, c, FOLDED), (c, k, 1))
 
 
 def blk_left_2d(draw, g: Builder, x: T) -> T:
@@ -945,10 +941,10 @@ def check_case(
         else:
             assert d.reason, d
 
-    # (c) what the generator knows
+    # (c) what the generator knows: every BN's decision
+    assert set(case.expect) == set(decisions)
     for name, status in case.expect.items():
-        if status is not None:
-            assert decisions[name].status == status, (name, decisions[name], case)
+        assert decisions[name].status == status, (name, decisions[name], case)
 
     # (a) the same outputs, batch 1 and 3
     rng = np.random.default_rng(case.seed ^ 0x5EED)
@@ -1023,11 +1019,12 @@ def test_float16_conv_bn_gemm_keeps_float16():
 
 def test_matmul_bias_that_raises_the_rank():
     """x (4, 3) @ W (3, 4) + b (1, 1, 4) is (1, 4, 4), and the BN normalizes its axis 1: the
-    4 rows of x, not the 4 MatMul channels. Folding it into W and b changes the outputs."""
+    4 rows of x, not the 4 MatMul channels. Folding it into W and b would change the outputs:
+    the BN is left."""
     g = Builder(seed=0, eps=1e-5)
     mm = g.node("MatMul", ["x", g.weight((3, 4), 3)])
     add = g.node("Add", [mm, g.bias((1, 1, 4))])
-    g.outputs.append(g.bn(add, 4, None))
+    g.outputs.append(g.bn(add, 4, LEFT))
     case = Case(g.model(T("x", (3,)), batch=4), g.expect, (3,), g.seed, g.log)
     check_case(case, batches=(4,))
 
