@@ -7,7 +7,7 @@ whose affine maps are not (only) BatchNorm modules.
 
 Models:
 
-* the tf2onnx files of ../shared/tf2onnx next to the repository (Keras MobileNet, MobileNetV2,
+* the tf2onnx files of tests/data/tf2onnx (Keras MobileNet, MobileNetV2,
   a pre-activation mix; every BN written as Mul + Add by per-channel constants), as they are:
   every tool runs on the same file, bnexport with `run_fold` (`bnexport fold FILE.onnx`);
 * the torch models of benchmarks/affine_nets.py (FrozenBatchNorm2d ResNet, ConvNeXt LayerScale,
@@ -77,7 +77,7 @@ from bnexport.defaults import DEFAULT_SAMPLES  # noqa: E402
 from bnexport.runs import RunOptions, run_fold  # noqa: E402
 from bnexport.version import __version__ as BNEXPORT_VERSION  # noqa: E402
 
-TF2ONNX = ROOT.parent / "shared" / "tf2onnx"  # real tf2onnx exports (its README says what)
+TF2ONNX = ROOT / "tests" / "data" / "tf2onnx"  # real tf2onnx exports (its README says what)
 TF2ONNX_FILES = ["keras_preact_mix", "keras_mobilenet_a025", "keras_mobilenetv2_a035"]
 PEER_NAMES = ("onnxoptimizer", "onnxslim", "onnxsim", "onnxscript")
 ORT_EXTENDED = "onnxruntime EXTENDED"

@@ -107,9 +107,6 @@ def test_affine_maps_quick():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if "| bnexport |" in line]
-    expected = {"keras_preact_mix", "preact_resnet18_w16"}
-    if not (root.parent / "shared" / "tf2onnx" / "keras_preact_mix.onnx").is_file():
-        expected.remove("keras_preact_mix")  # the tf2onnx exports are not next to this checkout
-    assert {r[0].strip() for r in rows} == expected
+    assert {r[0].strip() for r in rows} == {"keras_preact_mix", "preact_resnet18_w16"}
     for r in rows:
         assert r[2].strip().isdigit(), r  # affine nodes left, counted in bnexport's file

@@ -2,7 +2,7 @@
 tf2onnx's output (each TensorFlow BatchNorm that tf2onnx did not fold into a conv becomes a
 Mul and an Add by per-channel constants; the NHWC input passes a Transpose), the Sub and Div
 forms, maps by scalars, pre-activation Mul/Add -> Relu -> Conv, a Concat of convs, and the
-real tf2onnx exports in ../shared/tf2onnx."""
+real tf2onnx exports in tests/data/tf2onnx (its README says what each holds)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from bnexport.cli import main
 from tests.onnx_builders import GraphBuilder, fold_proto, max_rel_diff, run
 
-TF2ONNX = Path(__file__).resolve().parents[2] / "shared" / "tf2onnx"
+TF2ONNX = Path(__file__).resolve().parent / "data" / "tf2onnx"
 X4 = ("x", ["N", 8, 6, 6])
 
 
