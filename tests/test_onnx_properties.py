@@ -503,7 +503,15 @@ def blk_left_nd(draw, g: Builder, x: T) -> T:
         z = T(g.node("Relu", [y.name]), y.shape)
     else:
         z = T(g.node("MaxPool", [y.name], kernel_shape=[1] * len(y.spatial)), y.shape)
-    return T(g.node("Relu", [g.bn(z.name, z.channels, LEFT)]), z.shape)
+    # a scale <= 0 in one channel: the BN cannot pass the Relu after it into a next layer
+    values = _one_negative_scale(g.bn_values(z.channels))
+    return T(g.node("Relu", [g.bn(z.name, z.channels, LEFT, values=values)]), z.shape)
+
+
+def _one_negative_scale(values: list[np.ndarray]) -> list[np.ndarray]:
+    """BN values (gamma, beta, mean, var) whose channel 0 has a negative gamma."""
+    values[0][0] = -abs(values[0][0]) - 0.1
+    return values
 
 
 def pointwise(draw, g: Builder, x: T) -> tuple[T, bool]:
@@ -621,8 +629,7 @@ def blk_left_2d(draw, g: Builder, x: T) -> T:
     if draw(st.booleans()):
         g.log.append("left:relu_bn_relu")
         r = g.node("Relu", [x.name])
-        values = g.bn_values(x.channels)
-        values[0][0] = -abs(values[0][0])
+        values = _one_negative_scale(g.bn_values(x.channels))
         return T(g.node("Relu", [g.bn(r, x.channels, LEFT, values=values)]), x.shape)
     g.log.append("left:gemm_bn_gemm_param_input")
     y = gemm(draw, g, x)
@@ -827,10 +834,12 @@ def res_shared_calls(draw, g: Builder, x: T) -> T:
 
 
 def res_bn_after_add(draw, g: Builder, x: T) -> T:
-    """x -> Conv -> BN -> Add(x) -> BN -> Relu: the first folds, the second stays."""
+    """x -> Conv -> BN -> Add(x) -> BN -> Relu: the first folds, the second (a scale <= 0 in
+    one channel, so it cannot pass the Relu) stays."""
     c = _same_conv(draw, g, x, x.channels, draw(st.sampled_from([1, 3])), 1)
     s = g.node("Add", [g.bn(c.name, c.channels, FOLDED), x.name])
-    return T(g.node("Relu", [g.bn(s, c.channels, LEFT)]), x.shape)
+    values = _one_negative_scale(g.bn_values(c.channels))
+    return T(g.node("Relu", [g.bn(s, c.channels, LEFT, values=values)]), x.shape)
 
 
 def res_concat(draw, g: Builder, x: T) -> T:
