@@ -473,3 +473,30 @@ def test_any_chain_of_arithmetic_by_constants_folds_exactly(forms, seed):
     folded = dict(result.program.state_dict)
     bias = next(v for k, v in folded.items() if k.startswith("conv1") and k.endswith("bias"))
     np.testing.assert_allclose(bias.double().numpy(), t.numpy(), rtol=1e-6, atol=1e-6)
+
+
+class NFDownsample(nn.Module):
+    """timm's NormFreeBlock with DownsampleAvg: `relu(x) * beta` feeds the shortcut (an
+    AvgPool2d with ceil_mode, then a 1x1 conv) and the main conv; `out * alpha` after it."""
+
+    def __init__(self, cin: int = 8, cout: int = 16, beta: float = 0.8, alpha: float = 0.2):
+        super().__init__()
+        self.beta, self.alpha = beta, alpha
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.down = nn.Conv2d(cin, cout, 1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 2, 1)
+
+    def forward(self, x):
+        out = F.relu(x) * self.beta
+        return self.down(self.pool(out)) + self.conv1(out) * self.alpha
+
+
+def test_a_scalar_map_folds_into_both_branches_of_a_downsampling_block():
+    torch.manual_seed(0)
+    model = NFDownsample().eval()
+    x = torch.randn(2, 8, 7, 7)
+    result = fold(model, (x,))
+    into = {d.into for d in result.report.folded}
+    assert into == {"conv1, down", "conv1"}, str(result.report)
+    assert aten.mul.Tensor not in _targets(result)
+    _close_to_float64(model, result, x)

@@ -294,7 +294,7 @@ class IntoFollowing:
         for chain, layer in branches:
             try:
                 if bn.channels == 1:  # a map by numbers: every channel of the layer takes it
-                    _track(chain, initial(1, bn.axis), scalar=True)
+                    _track(chain, initial(1, 0), scalar=True)  # the batch axis: no op here pools it
                     channel_of = np.zeros(_in_channels(layer, state), dtype=np.int64)
                 else:
                     tr = _track(chain, initial(bn.channels, bn.axis))
