@@ -91,7 +91,9 @@ class RepVGGBlock(nn.Module):
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         k3, b3 = fuse_bn(self.rbr_dense, 3, self.groups)
         k1, b1 = fuse_bn(self.rbr_1x1, 3, self.groups)
-        kid, bid = (0, 0) if self.rbr_identity is None else fuse_bn(self.rbr_identity, 3, self.groups)
+        kid, bid = 0, 0
+        if self.rbr_identity is not None:
+            kid, bid = fuse_bn(self.rbr_identity, 3, self.groups)
         return k3 + F.pad(k1, [1, 1, 1, 1]) + kid, b3 + b1 + bid
 
     def reparameterize(self) -> None:
@@ -182,7 +184,12 @@ class MobileOneBlock(nn.Module):
         conv = self.rbr_conv[0].conv
         kernel, bias = self._get_kernel_bias()
         self.reparam_conv = nn.Conv2d(
-            conv.in_channels, conv.out_channels, self.k, conv.stride, self.k // 2, groups=self.groups
+            conv.in_channels,
+            conv.out_channels,
+            self.k,
+            conv.stride,
+            self.k // 2,
+            groups=self.groups,
         )
         self.reparam_conv.weight.data = kernel.detach()
         self.reparam_conv.bias.data = bias.detach()
@@ -193,16 +200,18 @@ class MobileOneBlock(nn.Module):
 
 class MobileOne(nn.Module):
     """MobileOne-style network: a stem block, then units of a depthwise 3x3 block and a
-    pointwise 1x1 block, each with `branches` over-parameterised branches."""
+    pointwise 1x1 block, each with `branches` over-parameterised branches (one count for
+    every unit, or one per unit)."""
 
-    def __init__(self, widths=(8, 16, 16), branches: int = 2, classes: int = 10):
+    def __init__(self, widths=(8, 16, 16), branches: int | tuple = 2, classes: int = 10):
         super().__init__()
         blocks = [MobileOneBlock(3, widths[0], 3, 2, branches=1)]
         cin = widths[0]
-        for i, width in enumerate(widths):
-            stride = 2 if i else 1
-            blocks.append(MobileOneBlock(cin, cin, 3, stride, groups=cin, branches=branches))
-            blocks.append(MobileOneBlock(cin, width, 1, 1, branches=branches))
+        counts = branches if isinstance(branches, tuple) else (branches,) * len(widths)
+        for i, (width, k) in enumerate(zip(widths, counts)):
+            stride = 2 if i % 2 else 1
+            blocks.append(MobileOneBlock(cin, cin, 3, stride, groups=cin, branches=k))
+            blocks.append(MobileOneBlock(cin, width, 1, 1, branches=k))
             cin = width
         self.stages = nn.Sequential(*blocks)
         self.linear = nn.Linear(cin, classes)
@@ -318,9 +327,7 @@ class FastViTMobileOneBlock(nn.Module):
     def __init__(self, dim: int, k: int, branches: int = 1, scale: bool = True):
         super().__init__()
         self.identity = nn.BatchNorm2d(dim)
-        self.conv_kxk = nn.ModuleList(
-            conv_bn(dim, dim, k, 1, k // 2, dim) for _ in range(branches)
-        )
+        self.conv_kxk = nn.ModuleList(conv_bn(dim, dim, k, 1, k // 2, dim) for _ in range(branches))
         self.conv_scale = conv_bn(dim, dim, 1, 1, 0, dim) if scale and k > 1 else None
 
     def forward(self, x):
