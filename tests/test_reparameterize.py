@@ -163,8 +163,8 @@ def test_repvgg_is_one_conv_per_block_and_equals_the_hand_reparameterisation():
     _close_to_float64(model, result, x)
     _same_as_hand(result, model, x)
     rows = [m.detail for m in result.report.merges]
-    assert "merged 3 branches (conv3x3, conv1x1, identity BN) into stages.2 (" in rows[3]
-    assert rows[0].startswith("merged 2 branches (conv3x3, conv1x1) into stages.5")
+    assert "merged 3 branches (conv3x3, conv1x1, identity BN) into stages.2 (" in rows[2]
+    assert rows[5].startswith("merged 2 branches (conv3x3, conv1x1) into stages.5")
     identity = result.report.decision("stages.2.rbr_identity")
     assert (identity.status, identity.direction, identity.into) == ("folded", "merged", "stages.2")
     dense = result.report.decision("stages.2.rbr_dense.bn")

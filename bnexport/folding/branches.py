@@ -247,9 +247,9 @@ def _label(term: Term) -> str:
 
 
 def find_merges(state: ProgramState, constants: ConstantValues) -> list[MergePlan | MergeRefusal]:
-    """Every sum of branches of one tensor in the graph, top sums first: a plan to merge it,
-    or why not. A sum inside one that cannot merge is tried on its own (reported only when
-    it merges)."""
+    """Every sum of branches of one tensor in the graph, in graph order: a plan to merge it,
+    or why not. The sums are found from the last node up, so that a sum is taken whole; one
+    inside a sum that cannot merge is tried on its own (reported only when it merges)."""
     maps = _maps_by_output(state, constants)
     claimed: set[fx.Node] = set()
     refused: set[fx.Node] = set()
@@ -266,7 +266,7 @@ def find_merges(state: ProgramState, constants: ConstantValues) -> list[MergePla
             found.append(result)
         if result is not None:
             refused.update(branch_sum.nodes)
-    return found
+    return found[::-1]  # in graph order
 
 
 def sum_outputs(state: ProgramState, constants: ConstantValues) -> set[str]:
@@ -487,12 +487,14 @@ def apply_merge(
         exact[state.target(w_node)] = weight
         exact[state.target(b_node)] = bias
     root = plan.sum.root
+    # an earlier merge may have put its layer where x was computed: read x as the layers do now
+    x = plan.layers[0].node.args[0]
     if plan.kind == "linear":
-        target, args = aten.linear.default, (plan.input, w_node, b_node)
+        target, args = aten.linear.default, (x, w_node, b_node)
     else:
         target = _CONV_OPS[len(geometry.kernel)]
         args = (
-            plan.input,
+            x,
             w_node,
             b_node,
             list(geometry.stride),
