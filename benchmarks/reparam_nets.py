@@ -253,6 +253,24 @@ class ACNet(nn.Module):
         return self.block2(F.relu(self.block1(x)))
 
 
+class DiverseBranchBlock(nn.Module):
+    """DingXiaoH/DiverseBranchBlock with groups >= out channels (a depthwise block): the kxk
+    conv+BN, an average pooling branch (AvgPool2d kxk with the conv's stride and padding, then
+    its BN) and a 1x1 conv+BN."""
+
+    def __init__(self, channels: int, k: int = 3, stride: int = 1):
+        super().__init__()
+        p = k // 2
+        self.dbb_origin = conv_bn(channels, channels, k, stride, p, groups=channels)
+        self.dbb_avg = nn.Sequential()
+        self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, p))
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(channels))
+        self.dbb_1x1 = conv_bn(channels, channels, 1, stride, 0, groups=channels)
+
+    def forward(self, x):
+        return F.relu(self.dbb_origin(x) + self.dbb_1x1(x) + self.dbb_avg(x))
+
+
 # --------------------------------------------------------------------------- RepViT, RepGhost
 
 

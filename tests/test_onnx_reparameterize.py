@@ -1,6 +1,6 @@
 """Structural re-parameterisation through the ONNX engine: the blocks of
 benchmarks/reparam_nets.py (RepVGG, MobileOne with 1..4 branches, ACNet, RepViT, RepGhost,
-FastViT), in training form, exported by torch.onnx (dynamo, unoptimized) as one graph, then
+FastViT, DBB), in training form, exported by torch.onnx (dynamo, unoptimized) as one graph, then
 folded by `bnexport fold FILE.onnx`: one Conv per block, no BatchNormalization, outputs equal
 to the float64 original, every merged Conv checked where its sum was. Sums that must not merge
 are hand-built graphs that stay with their reason.
@@ -20,6 +20,7 @@ from torch import nn
 
 from benchmarks.reparam_nets import (
     ACBlock,
+    DiverseBranchBlock,
     MobileOne,
     RepConditionalPosEnc,
     RepGhostModule,
@@ -34,7 +35,8 @@ from tests.onnx_builders import GraphBuilder, fold_proto, run
 
 class Zoo(nn.Module):
     """Every block in a row: ACNet, RepVGG, MobileOne units of 1..4 branches, RepViT's token
-    mixer, a RepGhost module, FastViT's RepMixer and conditional positional encoding."""
+    mixer, a RepGhost module, FastViT's RepMixer and conditional positional encoding, a
+    Diverse Branch Block with its average pooling branch."""
 
     def __init__(self):
         super().__init__()
@@ -47,15 +49,16 @@ class Zoo(nn.Module):
         self.repghost = RepGhostModule(16, 16)
         self.repmixer = RepMixer(16)
         self.cpe = RepConditionalPosEnc(16)
+        self.dbb = DiverseBranchBlock(16)
 
     def forward(self, x):
         x = self.repvgg(F.relu(self.acnet(x)))
         x = self.repghost(self.repvit(self.mobileone(x)))
-        return self.cpe(self.repmixer(x))
+        return self.dbb(self.cpe(self.repmixer(x)))
 
 
 # convs after the merges: one per block, the RepGhost module's primary conv beside its merge
-ZOO_CONVS = 1 + 1 + 8 + 1 + 2 + 1 + 1
+ZOO_CONVS = 1 + 1 + 8 + 1 + 2 + 1 + 1 + 1
 
 
 def test_onnx_engine_merges_every_block_and_checks_each_merged_conv(tmp_path):
@@ -79,6 +82,7 @@ def test_onnx_engine_merges_every_block_and_checks_each_merged_conv(tmp_path):
     assert sorted(into["mobileone.4"]) == sorted(["conv1x1", "identity BN", *["conv3x3"] * 3])
     assert sorted(into["mobileone.6"]) == sorted(["conv1x1", *["conv3x3"] * 4])
     assert into["mobileone.7"] == ["identity BN"] + ["conv1x1"] * 4
+    assert into["dbb"] == ["conv3x3", "conv1x1", "avgpool3x3"]
     assert sorted(into["repmixer"]) == sorted(
         ["identity", "conv3x3", "conv1x1", "identity BN", "identity BN"]
     )

@@ -1,6 +1,7 @@
 """Structural re-parameterisation through the PyTorch engine: sums of parallel branches of one
 tensor merged into one layer, on blocks written as their papers define them in training form
-(benchmarks/reparam_nets.py: RepVGG, MobileOne, ACNet, RepViT, RepGhost, FastViT).
+(benchmarks/reparam_nets.py: RepVGG, MobileOne, ACNet, RepViT, RepGhost, FastViT, and the
+Diverse Branch Block's average pooling branch).
 
 Each folded program must hold one conv per block and compute what the eval-mode original
 does, within a few roundings of the float64 original; RepVGG's and MobileOne's merged
@@ -22,6 +23,7 @@ from torch import nn
 
 from benchmarks.reparam_nets import (
     ACNet,
+    DiverseBranchBlock,
     FastViTStage,
     MobileOne,
     MobileOneBlock,
@@ -216,8 +218,9 @@ def test_a_mobileone_block_without_identity_or_scale_branch():
         (RepViTMixer(), (2, 8, 12, 12), 3),  # token mixer merged; channel mixer's 2 convs
         (RepGhostModule(4, 8), (2, 4, 12, 12), 2),  # primary conv; cheap op with fusion BN
         (FastViTStage(), (2, 8, 12, 12), 3),  # RepMixer, fc, RepCPE
+        (DiverseBranchBlock(6, stride=2), (2, 6, 9, 9), 1),  # kxk, 1x1 and average pooling
     ],
-    ids=["acnet3", "acnet5", "repvit", "repghost", "fastvit"],
+    ids=["acnet3", "acnet5", "repvit", "repghost", "fastvit", "dbb"],
 )
 def test_blocks_merge_into_one_conv(model, shape, convs):
     torch.manual_seed(0)
@@ -351,30 +354,10 @@ def _cli_fold(model, x, tmp_path, name="model"):
     return result, json.loads(report.read_text())
 
 
-def test_cli_merges_and_checks_each_merged_layer_where_it_is(tmp_path):
+def test_cli_merges_and_checks_each_merged_layer_where_it_is(tmp_path, monkeypatch):
     """RepViT's merged token mixer comes before the channel mixer's folded convs: the merge
     renumbers the later convs in the exported file, and each is still checked by its own
-    name."""
-    torch.manual_seed(0)
-    model, x = trained_like(RepViTMixer()), torch.randn(2, 8, 12, 12)
-    result, data = _cli_fold(model, x, tmp_path)
-    assert result.exit_code == 0, result.output
-    assert "1 sum of parallel branches merged into one layer" in result.output
-    fold_json = data["batchnorm"]
-    assert fold_json["convs_removed"] == 1
-    (merge,) = fold_json["merges"]
-    assert merge["status"] == "merged" and merge["into"] == "token_mixer"
-    assert merge["branches"] == ["conv3x3", "conv1x1", "identity"]
-    layers = {row["name"]: row for row in data["verify"]["layers"]}
-    assert set(layers) == {"token_mixer", "channel_mixer.0.c", "channel_mixer.2.c"}
-    assert all(row["passed"] for row in layers.values())
-    assert "layers_unmapped" not in data["verify"]
-    assert data["op_counts"]["before"]["Conv"] == 4 and data["op_counts"]["after"]["Conv"] == 3
-
-
-def test_cli_finds_a_wrong_merged_kernel(tmp_path, monkeypatch):
-    """One output channel of the merged kernel scaled by 1 + 1e-3: the per-layer check names
-    the merged layer."""
+    name. One output channel of the merged kernel scaled by 1 + 1e-3 is found there."""
     real = merge_math.combine
 
     def off_by_a_little(*args):
@@ -386,6 +369,15 @@ def test_cli_finds_a_wrong_merged_kernel(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, x = trained_like(RepViTMixer()), torch.randn(2, 8, 12, 12)
     result, data = _cli_fold(model, x, tmp_path)
-    failed = [row for row in data["verify"]["layers"] if not row["passed"]]
-    assert [row["name"] for row in failed] == ["token_mixer"]
-    assert failed[0]["worst_channel"] == 0
+    assert "1 sum of parallel branches merged into one layer" in result.output
+    fold_json = data["batchnorm"]
+    assert fold_json["convs_removed"] == 1
+    (merge,) = fold_json["merges"]
+    assert merge["status"] == "merged" and merge["into"] == "token_mixer"
+    assert merge["branches"] == ["conv3x3", "conv1x1", "identity"]
+    layers = {row["name"]: row for row in data["verify"]["layers"]}
+    assert set(layers) == {"token_mixer", "channel_mixer.0.c", "channel_mixer.2.c"}
+    assert "layers_unmapped" not in data["verify"]
+    assert [name for name, row in layers.items() if not row["passed"]] == ["token_mixer"]
+    assert layers["token_mixer"]["worst_channel"] == 0
+    assert data["op_counts"]["before"]["Conv"] == 4 and data["op_counts"]["after"]["Conv"] == 3

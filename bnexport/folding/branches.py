@@ -17,6 +17,7 @@ This module reads the graph until `apply_merge` rewrites it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ _IN_PLACE = {aten.add_.Tensor, aten.sub_.Tensor}
 _COPIES = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default}
 _CONV_OPS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+_POOLS = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
 
 
 @dataclass
@@ -66,10 +68,11 @@ class Term:
     layer: LayerCall | None = None
     base: fx.Node | None = None  # the tensor the branch reads
     problem: str | None = None  # why the term is not a linear branch of `base`
+    pool: Geometry | None = None  # an average pooling of `base` (a depthwise conv of 1/k)
 
     @property
     def identity(self) -> bool:
-        return self.layer is None
+        return self.layer is None and self.pool is None
 
 
 @dataclass
@@ -224,6 +227,10 @@ def _classify_other(term: Term, inputs: set[fx.Node], state: ProgramState) -> No
     a nonlinearity right after a layer (a branch that is not linear), or another tensor."""
     node = term.node
     first = node.args[0] if node.op == "call_function" and node.args else None
+    pool = _average(node)
+    if pool is not None:
+        term.pool, term.base = pool, first
+        return
     inner = match_layer(first, state) if isinstance(first, fx.Node) else None
     if node not in inputs and inner is not None and inner.kind in ("conv", "linear"):
         term.layer, term.base = inner, first.args[0]
@@ -234,7 +241,36 @@ def _classify_other(term: Term, inputs: set[fx.Node], state: ProgramState) -> No
     term.base = node
 
 
+def _average(node: fx.Node) -> Geometry | None:
+    """An average pooling as a depthwise conv with every weight 1 / k (DBB's average branch),
+    when it is one exactly: the padding counted in the average (or none), floor mode."""
+    if node.op != "call_function" or node.target not in _POOLS:
+        return None
+    rank = _POOLS[node.target]
+    args = list(node.args) + [None] * (7 - len(node.args))
+
+    def per_axis(v, default) -> tuple[int, ...]:
+        v = default if v is None or v == [] else v
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        return tuple(int(x) for x in (v * rank if len(v) == 1 else v))
+
+    kernel = per_axis(args[1], 1)
+    stride = per_axis(args[2], kernel)
+    padding = per_axis(args[3], 0)
+    ceil_mode, count_pad, divisor = args[4] or False, args[5], args[6]
+    if ceil_mode or divisor is not None or (count_pad is False and any(padding)):
+        return None
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if val is None or val.dim() != rank + 2:
+        return None
+    channels = int(val.shape[1])
+    pads = tuple((p, p) for p in padding)
+    return Geometry(kernel, stride, pads, (1,) * rank, channels, channels, channels, True)
+
+
 def _label(term: Term) -> str:
+    if term.pool is not None:
+        return "avgpool" + "x".join(str(k) for k in term.pool.kernel)
     if term.identity:
         if term.via is None:
             return "identity"
@@ -397,6 +433,7 @@ def _plan(branch_sum: BranchSum, state: ProgramState) -> MergePlan | MergeRefusa
     if odd is not None:
         return None  # other tensors are summed in too: a part of the sum may merge on its own
     kinds = {t.layer.kind for t in terms if t.layer is not None}
+    kinds |= {"conv" for t in terms if t.pool is not None}
     if len(kinds) != 1:
         return refuse("its branches are layers of different kinds")
     kind = kinds.pop()
@@ -408,6 +445,9 @@ def _plan(branch_sum: BranchSum, state: ProgramState) -> MergePlan | MergeRefusa
         return refuse("its branches hold weights of different dtypes")
     geometries: list[Geometry] = []
     for t in terms:
+        if t.pool is not None:
+            geometries.append(t.pool)
+            continue
         if t.layer is None:
             rank = 0 if kind == "linear" else x.meta["val"].dim() - 2
             geometries.append(identity_geometry(int(x.meta["val"].shape[out_axis]), rank))
@@ -462,7 +502,13 @@ def apply_merge(
     geometry = plan.merged.geometry
     kernels, biases, scales = [], [], []
     for term, offset in zip(plan.sum.terms, plan.merged.offsets):
-        if term.layer is None:
+        if term.pool is not None:
+            taps = term.pool.kernel
+            shape = (geometry.out_channels, 1, *taps)
+            average = torch.full(shape, 1.0 / math.prod(taps), dtype=F64)
+            kernels.append(place_kernel(average, geometry.out_channels, geometry, offset))
+            biases.append(None)
+        elif term.layer is None:
             kernel = (
                 torch.eye(geometry.out_channels, dtype=F64)
                 if plan.kind == "linear"

@@ -46,11 +46,11 @@ class Geometry:
     groups: int
     in_channels: int
     out_channels: int
-    identity: bool = False  # x itself: no weight of its own
+    identity: bool = False  # x itself, or an average of it: no weight of its own
 
     @property
     def weights(self) -> int:
-        """Elements of the weight (none for the identity)."""
+        """Elements of the weight (none for the identity or an average)."""
         if self.identity:
             return 0
         return self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel)

@@ -14,6 +14,7 @@ same name. A sum is a candidate when at least two of its terms read one x and on
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class OnnxTerm:
     conv: ir.Node | None = None
     base: ir.Value | None = None
     problem: str | None = None
+    pool: Geometry | None = None  # an AveragePool of `base` (a depthwise conv of 1/k)
 
 
 @dataclass
@@ -189,6 +191,10 @@ def _candidate(found: OnnxSum, g: OnnxGraph) -> ir.Value | None:
         if term.conv is not None:
             continue
         node = term.value.producer()
+        term.pool = _average(node, g) if node is not None else None
+        if term.pool is not None:
+            term.base = node.inputs[0]
+            continue
         inner = _conv_of(node.inputs[0], g) if node is not None and node.inputs else None
         if term.value not in inputs and inner is not None:
             term.conv, term.base = inner, inner.inputs[0]
@@ -262,7 +268,41 @@ def _geometry(conv: ir.Node, g: OnnxGraph) -> Geometry | str:
     return Geometry(kernel, strides, pads, dilations, groups, *channels)
 
 
+def _average(node: ir.Node, g: OnnxGraph) -> Geometry | None:
+    """An AveragePool as a depthwise conv with every weight 1 / k, when it is one exactly:
+    explicit padding counted in the average (or none), no ceil mode, no dilation."""
+    if not is_onnx_op(node, "AveragePool"):
+        return None
+    shape = g.shape(node.inputs[0])
+    kernel = _ints(node, "kernel_shape", [])
+    if shape is None or not shape[1].is_Integer or len(kernel) != len(shape) - 2:
+        return None
+    rank = len(kernel)
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    flat = _ints(node, "pads", [0] * 2 * rank)
+    counted = int(attr(node, "count_include_pad", 0)) or not any(flat)
+    if auto_pad not in ("NOTSET", "VALID") or int(attr(node, "ceil_mode", 0)) or not counted:
+        return None
+    if any(d != 1 for d in _ints(node, "dilations", [1] * rank)):
+        return None
+    pads = tuple((flat[a], flat[a + rank]) for a in range(rank)) if auto_pad == "NOTSET" else None
+    channels = int(shape[1])
+    return Geometry(
+        tuple(kernel),
+        tuple(_ints(node, "strides", [1] * rank)),
+        pads or ((0, 0),) * rank,
+        (1,) * rank,
+        channels,
+        channels,
+        channels,
+        True,
+    )
+
+
 def _label(term: OnnxTerm, g: OnnxGraph) -> str:
+    if term.pool is not None:
+        return "avgpool" + "x".join(str(k) for k in term.pool.kernel)
     if term.conv is None:
         if term.via is None:
             return "identity"
@@ -331,6 +371,9 @@ def _plan(found: OnnxSum, g: OnnxGraph) -> OnnxMergePlan | OnnxMergeRefusal | No
     rank = len(shape) - 2 if shape is not None else None
     geometries = []
     for t in terms:
+        if t.pool is not None:
+            geometries.append(t.pool)
+            continue
         if t.conv is None:
             if shape is None or not shape[1].is_Integer:
                 return refuse(f"the channels of '{x.name}' are unknown")
@@ -363,7 +406,13 @@ def apply_onnx_merge(
     geometry = plan.merged.geometry
     kernels, biases, scales = [], [], []
     for term, offset in zip(plan.sum.terms, plan.merged.offsets):
-        if term.conv is None:
+        if term.pool is not None:
+            taps = term.pool.kernel
+            shape = (geometry.out_channels, 1, *taps)
+            average = torch.full(shape, 1.0 / math.prod(taps), dtype=F64)
+            kernels.append(place_kernel(average, geometry.out_channels, geometry, offset))
+            biases.append(None)
+        elif term.conv is None:
             kernels.append(identity_kernel(geometry, offset))
             biases.append(None)
         else:
