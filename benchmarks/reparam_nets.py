@@ -201,15 +201,22 @@ class MobileOneBlock(nn.Module):
 class MobileOne(nn.Module):
     """MobileOne-style network: a stem block, then units of a depthwise 3x3 block and a
     pointwise 1x1 block, each with `branches` over-parameterised branches (one count for
-    every unit, or one per unit)."""
+    every unit, or one per unit); a unit's depthwise block has its stride from `strides`
+    (by default 2 for every other unit)."""
 
-    def __init__(self, widths=(8, 16, 16), branches: int | tuple = 2, classes: int = 10):
+    def __init__(
+        self,
+        widths=(8, 16, 16),
+        branches: int | tuple = 2,
+        classes: int = 10,
+        strides: tuple | None = None,
+    ):
         super().__init__()
         blocks = [MobileOneBlock(3, widths[0], 3, 2, branches=1)]
         cin = widths[0]
         counts = branches if isinstance(branches, tuple) else (branches,) * len(widths)
-        for i, (width, k) in enumerate(zip(widths, counts)):
-            stride = 2 if i % 2 else 1
+        strides = strides or tuple(2 if i % 2 else 1 for i in range(len(widths)))
+        for width, k, stride in zip(widths, counts, strides):
             blocks.append(MobileOneBlock(cin, cin, 3, stride, groups=cin, branches=k))
             blocks.append(MobileOneBlock(cin, width, 1, 1, branches=k))
             cin = width
@@ -408,6 +415,20 @@ class FastViTStage(nn.Module):
         x = self.token_mixer(x)
         x = F.gelu(self.fc(x))
         return self.pos_emb(x)
+
+
+def repvgg_a0() -> RepVGG:
+    """RepVGG-A0's layout (widths 48, 48, 96, 192, 1280; depths 1, 2, 4, 14, 1), 1000 classes."""
+    return RepVGG(widths=(48, 48, 96, 192, 1280), depths=(1, 2, 4, 14, 1), classes=1000)
+
+
+def mobileone_s0() -> MobileOne:
+    """MobileOne-S0's layout (k = 4 branches; stages of 48, 128, 256, 1024 channels with 2, 8,
+    10, 1 units, the first of each with stride 2; the paper's S0 has no SE), 1000 classes."""
+    stages = ((48, 2), (128, 8), (256, 10), (1024, 1))
+    widths = tuple(w for w, n in stages for _ in range(n))
+    strides = tuple(2 if i == 0 else 1 for _, n in stages for i in range(n))
+    return MobileOne(widths=widths, branches=4, classes=1000, strides=strides)
 
 
 def reparam_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
