@@ -128,10 +128,10 @@ class FoldDecision:
 class BranchMerge:
     """A sum of parallel branches of one tensor (convs, linears, the tensor itself, with
     per-channel maps such as BNs on the way) merged into one layer `into`, or left with
-    `reason`. `branches` says what each branch was (`conv3x3`, `identity BN`), `layers` the
-    layers whose weights it took; `convs_removed` and `bytes_removed` are what the merge
-    took out of the model (the layers, and the stored tensors only they read, less the
-    merged layer's own)."""
+    `reason`; or (`chain`) a conv and the 1x1 conv right after it, merged. `branches` says
+    what each branch was (`conv3x3`, `identity BN`), `layers` the layers whose weights it
+    took; `convs_removed` and `bytes_removed` are what the merge took out of the model (the
+    layers, and the stored tensors only they read, less the merged layer's own)."""
 
     into: str
     branches: list[str]
@@ -141,6 +141,7 @@ class BranchMerge:
     convs_removed: int = 0
     bytes_removed: int = 0
     check: CheckPoint | None = field(default=None, repr=False)  # the merged layer's output
+    chain: bool = False  # not branches: a conv and the 1x1 conv after it (`branches` in order)
 
     @property
     def status(self) -> str:
@@ -149,6 +150,8 @@ class BranchMerge:
     @property
     def detail(self) -> str:
         what = f"{len(self.branches)} branches ({', '.join(self.branches)})"
+        if self.chain:
+            what = " -> ".join(self.branches)
         if not self.merged:
             return f"{what} left: {self.reason}"
         return (
@@ -167,6 +170,7 @@ class BranchMerge:
             "bytes_removed": self.bytes_removed,
             "reason": self.reason,
             "detail": self.detail,
+            "chain": self.chain,
         }
 
 
@@ -262,10 +266,15 @@ class FoldReport:
         if self.unused:
             line += f"; {len(self.unused)} never called by forward"
         if self.merged:
-            n, removed = len(self.merged), self.convs_removed
+            sums = sum(not m.chain for m in self.merged)
+            chains = len(self.merged) - sums
+            removed = self.convs_removed
+            what = [f"{sums} sum{'s' if sums != 1 else ''} of parallel branches"] if sums else []
+            if chains:
+                what.append(f"{chains} conv -> 1x1 conv chain{'s' if chains != 1 else ''}")
             line += (
-                f"; {n} sum{'s' if n != 1 else ''} of parallel branches merged into one layer "
-                f"each ({removed} layer{'s' if removed != 1 else ''}, "
+                f"; {' and '.join(what)} merged into one layer each ({removed} "
+                f"layer{'s' if removed != 1 else ''}, "
                 f"{fmt_bytes(sum(m.bytes_removed for m in self.merged))} removed)"
             )
         left = len(self.merges) - len(self.merged)

@@ -145,3 +145,21 @@ def test_onnx_merge_can_be_turned_off():
     assert [n.op_type for n in folded.graph.node] == ["Conv"]
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], atol=2e-5, rtol=1e-5)
+
+
+def test_onnx_conv_and_the_1x1_conv_after_it_merge():
+    """Conv3x3 -> BN -> Conv1x1 -> BN -> Relu becomes one Conv, named as the 1x1 Conv's output;
+    a depthwise 3x3 -> 1x1 pair stays (merged, it would grow)."""
+    b = GraphBuilder(seed=3)
+    y = b.bn(b.node("Conv", ["x", b.weight(8, 4, 3, 3)], pads=[1, 1, 1, 1]), 8)
+    y = b.node("Relu", [b.bn(b.node("Conv", [y, b.weight(6, 8, 1, 1)]), 6)])
+    y = b.bn(b.node("Conv", [y, b.weight(6, 1, 3, 3)], pads=[1, 1, 1, 1], group=6), 6)
+    y = b.bn(b.node("Conv", [y, b.weight(12, 6, 1, 1)]), 12)
+    model = b.model([("x", [1, 4, 8, 8])], [y])
+    folded, report = fold_proto(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "Conv"]
+    (chain,) = report.merges
+    assert chain.chain and chain.detail.startswith("merged conv3x3 -> conv1x1 into")
+    assert not report.left
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], atol=2e-5, rtol=1e-5)

@@ -264,6 +264,35 @@ def test_linear_branches_merge_into_one_linear():
     _close_to_float64(model, result, x)
 
 
+class ConvThen1x1(nn.Module):
+    """BN(conv1x1(BN(conv3x3(x)))) after a sum of a 3x3 and a 1x1 branch (ExpandNets-style
+    chains), and a depthwise 3x3 -> 1x1 pair (ShuffleNet's), which would grow if merged."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(4, 8, 3, 1, 1), conv_bn(4, 8, 1)
+        self.c = conv_bn(8, 6, 1)
+        self.dw, self.pw = conv_bn(6, 6, 3, 2, 1, groups=6), conv_bn(6, 12, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c(self.a(x) + self.b(x)))
+        return self.pw(self.dw(y))
+
+
+def test_a_conv_and_the_1x1_conv_after_it_merge_when_no_larger():
+    torch.manual_seed(0)
+    model, x = trained_like(ConvThen1x1()), torch.randn(2, 4, 9, 9)
+    result = fold(model, x)
+    assert _convs(result) == 3  # the sum and c in one conv; dw and pw stay
+    rows = [m.detail for m in result.report.merges]
+    assert rows[0].startswith("merged 2 branches (conv3x3, conv1x1) into a.conv")
+    assert rows[1].startswith("merged conv3x3 -> conv1x1 into c.conv (1 layer")
+    assert result.report.merges[1].to_dict()["chain"] is True
+    assert result.report.decision("b.bn").merged_into == "c.conv"
+    assert "1 sum of parallel branches and 1 conv -> 1x1 conv chain merged" in str(result.report)
+    _close_to_float64(model, result, x)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -346,7 +346,9 @@ def _candidate(branch_sum: BranchSum, state: ProgramState) -> fx.Node | None:
     return max(bases, key=lambda b: counts[b])
 
 
-def _conv_geometry(layer: LayerCall) -> Geometry | str:
+def conv_geometry(layer: LayerCall) -> Geometry | str:
+    """How a conv call reads its input (kernel, stride, paddings, dilation, groups), or why it
+    cannot be said (a padding mode other than numbers, "same" or "valid")."""
     node = layer.node
     weight = layer.weight.meta["val"]
     rank = weight.dim() - 2
@@ -389,7 +391,8 @@ def _linear_geometry(layer: LayerCall) -> Geometry:
     return Geometry((), (), (), (), 1, k, n)
 
 
-def _common_scope(nodes: list[fx.Node]) -> str:
+def common_scope(nodes: list[fx.Node]) -> str:
+    """The module path every node was called in (`stages.2`), or "" when they share none."""
     paths = [module_scope(n)[0].split(".") for n in nodes if module_scope(n)[0]]
     if len(paths) != len(nodes) or not paths:
         return ""
@@ -421,7 +424,7 @@ def _plan(branch_sum: BranchSum, state: ProgramState) -> MergePlan | MergeRefusa
     terms = branch_sum.terms
     labels = [_label(t) for t in terms]
     layer_nodes = [t.layer.node for t in terms if t.layer is not None]
-    name = _common_scope(branch_sum.nodes + layer_nodes) or terms_name(terms)
+    name = common_scope(branch_sum.nodes + layer_nodes) or terms_name(terms)
 
     def refuse(reason: str) -> MergeRefusal:
         return MergeRefusal(branch_sum.root, name, labels, reason)
@@ -452,7 +455,7 @@ def _plan(branch_sum: BranchSum, state: ProgramState) -> MergePlan | MergeRefusa
             rank = 0 if kind == "linear" else x.meta["val"].dim() - 2
             geometries.append(identity_geometry(int(x.meta["val"].shape[out_axis]), rank))
             continue
-        geometry = _linear_geometry(t.layer) if kind == "linear" else _conv_geometry(t.layer)
+        geometry = _linear_geometry(t.layer) if kind == "linear" else conv_geometry(t.layer)
         if isinstance(geometry, str):
             return refuse(geometry)
         geometries.append(geometry)

@@ -198,3 +198,30 @@ def combine(
         if b is not None:
             bias += a * b.detach().to(F64)
     return weight, bias
+
+
+def compose_pointwise(
+    first: torch.Tensor,
+    first_bias: torch.Tensor | None,
+    groups: int,
+    second: torch.Tensor,
+    second_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv followed by a 1x1 conv (stride 1, no padding, one group) with nothing between,
+    as one conv of the first's geometry and one group, in float64:
+
+        W[o, i] = sum_m W2[o, m] * W1[m, i],   b = W2 b1 + b2
+
+    exact for any padding of the first: the 1x1 conv reads every position of its input once
+    and pads nothing. `first` (C_mid, C_in / groups, *k); `second` (C_out, C_mid, 1, ...)."""
+    mid = first.shape[0]
+    in_channels = first.shape[1] * groups
+    dense = Geometry(tuple(first.shape[2:]), (), (), (), 1, in_channels, mid)
+    w1 = place_kernel(first, groups, dense, (0,) * (first.dim() - 2))
+    w2 = second.detach().to(F64).reshape(second.shape[0], mid)
+    weight = torch.tensordot(w2, w1, dims=([1], [0]))
+    b1 = torch.zeros(mid, dtype=F64) if first_bias is None else first_bias.detach().to(F64)
+    bias = w2 @ b1
+    if second_bias is not None:
+        bias = bias + second_bias.detach().to(F64)
+    return weight, bias

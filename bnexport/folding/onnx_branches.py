@@ -244,7 +244,8 @@ def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     return default if value is None else [int(v) for v in value]
 
 
-def _geometry(conv: ir.Node, g: OnnxGraph) -> Geometry | str:
+def conv_geometry(conv: ir.Node, g: OnnxGraph) -> Geometry | str:
+    """How a Conv reads its input (kernel, strides, pads, dilations, group), or why not."""
     weight = g.constant(conv.inputs[1])
     kernel = tuple(int(k) for k in weight.shape[2:])
     rank = len(kernel)
@@ -325,7 +326,7 @@ def _path(node: ir.Node) -> list[str] | None:
     return name.strip("/").split("/")[:-1] if "/" in name else None
 
 
-def _scope(nodes: list[ir.Node]) -> str:
+def scope(nodes: list[ir.Node]) -> str:
     """The innermost module the nodes share (`stages.2`), or "" when none is known."""
     paths = [_path(n) for n in nodes]
     if not paths or any(p is None for p in paths):
@@ -352,7 +353,7 @@ def _plan(found: OnnxSum, g: OnnxGraph) -> OnnxMergePlan | OnnxMergeRefusal | No
     labels = [_label(t, g) for t in terms]
     convs = [t.conv for t in terms if t.conv is not None]
     largest = max(convs, key=lambda c: g.constant(c.inputs[1]).size)
-    name = _scope(found.nodes + convs) or node_name(largest)
+    name = scope(found.nodes + convs) or node_name(largest)
 
     def refuse(reason: str) -> OnnxMergeRefusal:
         return OnnxMergeRefusal(found.root, name, labels, reason)
@@ -379,7 +380,7 @@ def _plan(found: OnnxSum, g: OnnxGraph) -> OnnxMergePlan | OnnxMergeRefusal | No
                 return refuse(f"the channels of '{x.name}' are unknown")
             geometries.append(identity_geometry(int(shape[1]), rank))
             continue
-        geometry = _geometry(t.conv, g)
+        geometry = conv_geometry(t.conv, g)
         if isinstance(geometry, str):
             return refuse(geometry)
         geometries.append(geometry)

@@ -47,6 +47,12 @@ from bnexport.folding.onnx_branches import (
     apply_onnx_merge,
     find_onnx_merges,
 )
+from bnexport.folding.onnx_chains import (
+    OnnxChainPlan,
+    apply_onnx_chain,
+    find_onnx_chains,
+    onnx_chain_weights,
+)
 from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
 from bnexport.folding.onnx_patterns import (
     PATTERNS,
@@ -424,14 +430,23 @@ def _note_merged_decisions(
 ) -> None:
     """A map a merge takes in (an identity branch's BN) is folded into the merged Conv; a fold
     into a Conv that is merged is checked as part of the merged Conv."""
-    merged_into = {node_name(conv): plan.name for plan in plans for conv in plan.convs}
     for plan in plans:
         for site in plan.sum.maps:
             d = decided.get(site.node)
             if d is not None and not d.folded:
                 d.status, d.direction, d.into, d.reason = FOLDED, MERGED, plan.name, None
                 d.merged_into = plan.name
+    merged_into = {node_name(conv): plan.name for plan in plans for conv in plan.convs}
+    _note_merged_layers(merged_into, decided)
+
+
+def _note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
+    """Folds into the layers named in `merged_into` are checked as part of the layer each
+    became part of (through earlier merges too)."""
     for d in decided.values():
+        if d.merged_into is not None:
+            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
+            d.merged_into = ", ".join(dict.fromkeys(names))
         if not d.folded or d.direction == MERGED or d.into is None:
             continue
         targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
@@ -440,28 +455,34 @@ def _note_merged_decisions(
             d.check = None
 
 
-def _apply_merges(
-    merges: list[OnnxMergePlan | OnnxMergeRefusal],
-    g: OnnxGraph,
-    folded64: dict,
-    exact: dict | None,
-    report: FoldReport,
-) -> None:
-    """Merge each planned sum into one Conv (from the folded float64 weights) and record every
-    sum, merged or left, with where the merged Conv is checked (the sum's own name)."""
+def _float64_values(g: OnnxGraph, folded64: dict):
+    """The float64 value of an initializer: as a fold or merge wrote it, before its cast."""
 
     def values(value: ir.Value) -> torch.Tensor:
         if value.name in folded64:
             return torch.from_numpy(np.asarray(folded64[value.name], dtype=np.float64))
         return fm.array_f64(g.constant(value))
 
+    return values
+
+
+def _apply_merges(
+    merges: list[OnnxMergePlan | OnnxMergeRefusal],
+    g: OnnxGraph,
+    folded64: dict,
+    report: FoldReport,
+) -> None:
+    """Merge each planned sum into one Conv (from the folded float64 weights, its own kept in
+    `folded64`) and record every sum, merged or left, with where the merged Conv is checked
+    (the sum's own name)."""
+    values = _float64_values(g, folded64)
     for found in merges:
         if isinstance(found, OnnxMergeRefusal):
             report.merges.append(BranchMerge(found.name, found.labels, False, reason=found.reason))
             continue
         names = [node_name(conv) for conv in found.convs]
         root = found.sum.root.name
-        removed = apply_onnx_merge(found, g, values, exact)
+        removed = apply_onnx_merge(found, g, values, folded64)
         report.merges.append(
             BranchMerge(
                 found.name,
@@ -471,6 +492,40 @@ def _apply_merges(
                 convs_removed=len(names) - 1,
                 bytes_removed=max(removed, 0),
                 check=CheckPoint(root, root, 1),
+            )
+        )
+
+
+def _apply_chains(
+    chains: list[OnnxChainPlan],
+    g: OnnxGraph,
+    folded64: dict,
+    report: FoldReport,
+    decided: dict[ir.Node, FoldDecision],
+) -> None:
+    """Merge each Conv -> 1x1 Conv pair into one Conv, checked where the 1x1 Conv's output was
+    (its name); a merge checked at the first Conv's output is checked there instead."""
+    values = _float64_values(g, folded64)
+    names = {node_name(n): plan.name for plan in chains for n in (plan.first, plan.second)}
+    _note_merged_layers(names, decided)
+    for plan in chains:
+        gone = plan.first.outputs[0].name
+        for earlier in report.merges:
+            if earlier.check is not None and earlier.check.export_value == gone:
+                earlier.check = None
+        out = plan.second.outputs[0].name
+        layers = [node_name(plan.first), node_name(plan.second)]
+        removed = apply_onnx_chain(plan, g, values, folded64)
+        report.merges.append(
+            BranchMerge(
+                plan.name,
+                plan.labels,
+                True,
+                layers=layers,
+                convs_removed=1,
+                bytes_removed=max(removed, 0),
+                check=CheckPoint(out, out, 1),
+                chain=True,
             )
         )
 
@@ -561,10 +616,14 @@ def fold_onnx_model(
     _note_merged_decisions(plans, folder.decided, g)
     # the merges sum the branches' folded weights in float64, before their one cast
     branch_weights = {conv.inputs[1] for plan in plans for conv in plan.convs}
+    if merge_branches:
+        branch_weights |= onnx_chain_weights(g)
     folded64: dict = {} if exact is None else exact
     for weight, folds in folder.pending.items():
         apply_layer(folds, g, folded64 if weight in branch_weights else exact)
-    _apply_merges(merges, g, folded64, exact, report)
+    _apply_merges(merges, g, folded64, report)
+    if merge_branches:
+        _apply_chains(find_onnx_chains(g), g, folded64, report, folder.decided)
     report.decisions.extend(
         folder.decided[node]
         for node in order

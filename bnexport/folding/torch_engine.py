@@ -21,6 +21,7 @@ from torch import fx
 
 from bnexport.folding.affines import ConstantValues, affine_calls, match_affine
 from bnexport.folding.branches import MergePlan, MergeRefusal, apply_merge, find_merges
+from bnexport.folding.chains import ChainPlan, apply_chain, chain_weights, find_chains
 from bnexport.folding.channels import RESHAPES, is_transparent_op
 from bnexport.folding.checks import check_batchnorm_state
 from bnexport.folding.math import (
@@ -567,14 +568,22 @@ def _check_point(
 def _note_merged_decisions(plans: list[MergePlan], decided: dict[fx.Node, FoldDecision]) -> None:
     """A map that a merge takes in (an identity branch's BN) is folded into the merged layer;
     a fold into a layer that is merged is checked as part of the merged layer."""
-    merged_into = {layer.name: plan.name for plan in plans for layer in plan.layers}
     for plan in plans:
         for call in plan.sum.maps:
             d = decided.get(call.op_node)
             if d is not None and not d.folded:
                 d.status, d.direction, d.into, d.reason = FOLDED, MERGED, plan.name, None
                 d.merged_into = plan.name
+    _note_merged_layers({layer.name: plan.name for plan in plans for layer in plan.layers}, decided)
+
+
+def _note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
+    """Folds into the layers named in `merged_into` are checked as part of the layer each
+    became part of (through earlier merges too)."""
     for d in decided.values():
+        if d.merged_into is not None:
+            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
+            d.merged_into = ", ".join(dict.fromkeys(names))
         if not d.folded or d.direction == MERGED or d.into is None:
             continue
         targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
@@ -583,15 +592,8 @@ def _note_merged_decisions(plans: list[MergePlan], decided: dict[fx.Node, FoldDe
             d.check = None
 
 
-def _apply_merges(
-    merges: list[MergePlan | MergeRefusal],
-    state: ProgramState,
-    folded64: dict[str, torch.Tensor],
-    exact: dict | None,
-    report: FoldReport,
-) -> None:
-    """Merge each planned sum into one layer (from the folded float64 weights) and record
-    every sum, merged or left, with where the merged layer is checked."""
+def _float64_values(state: ProgramState, folded64: dict[str, torch.Tensor]):
+    """The float64 value of a stored tensor: as a fold or merge wrote it, before its cast."""
 
     def values(node: fx.Node) -> torch.Tensor:
         target = state.target(node)
@@ -599,11 +601,24 @@ def _apply_merges(
             return folded64[target]
         return state.tensor(node).detach().to(F64)
 
+    return values
+
+
+def _apply_merges(
+    merges: list[MergePlan | MergeRefusal],
+    state: ProgramState,
+    folded64: dict[str, torch.Tensor],
+    report: FoldReport,
+) -> None:
+    """Merge each planned sum into one layer (from the folded float64 weights, its own kept in
+    `folded64`) and record every sum, merged or left, with where the merged layer is
+    checked."""
+    values = _float64_values(state, folded64)
     for found in merges:
         if isinstance(found, MergeRefusal):
             report.merges.append(BranchMerge(found.name, found.labels, False, reason=found.reason))
             continue
-        node = apply_merge(found, state, values, exact)
+        node = apply_merge(found, state, values, folded64)
         root = found.sum.root.name
         report.aliases[node.name] = report.aliases.get(root, root)
         report.merges.append(
@@ -615,6 +630,42 @@ def _apply_merges(
                 convs_removed=len(found.layers) - 1,
                 bytes_removed=found.bytes_removed,
                 check=CheckPoint(node.name, report.aliases[node.name], found.axis),
+            )
+        )
+
+
+def _apply_chains(
+    chains: list[ChainPlan],
+    state: ProgramState,
+    folded64: dict[str, torch.Tensor],
+    report: FoldReport,
+    decided: dict,
+) -> None:
+    """Merge each conv -> 1x1 conv pair into one conv, checked where the 1x1 conv's output
+    was; a merge or fold checked at either conv is checked there instead."""
+    values = _float64_values(state, folded64)
+    _note_merged_layers(
+        {layer.name: plan.name for plan in chains for layer in (plan.first, plan.second)},
+        decided,
+    )
+    for plan in chains:
+        gone = {plan.first.node.name, plan.second.node.name}
+        for earlier in report.merges:
+            if earlier.check is not None and earlier.check.export_value in gone:
+                earlier.check = None
+        second = plan.second.node.name
+        node = apply_chain(plan, state, values, folded64)
+        report.aliases[node.name] = report.aliases.get(second, second)
+        report.merges.append(
+            BranchMerge(
+                plan.name,
+                plan.labels,
+                True,
+                layers=[plan.first.name, plan.second.name],
+                convs_removed=1,
+                bytes_removed=plan.bytes_removed,
+                check=CheckPoint(node.name, report.aliases[node.name], 1),
+                chain=True,
             )
         )
 
@@ -828,11 +879,15 @@ def fold_program(
     workspace = _Workspace(largest)  # allocated once, at the size of the largest block
     # the merges sum the branches' folded weights before their one cast
     branch_targets = {state.target(layer.weight) for plan in plans for layer in plan.layers}
+    if merge_branches:
+        branch_targets |= chain_weights(state)
     folded64: dict[str, torch.Tensor] = {} if exact is None else exact
     for target, folds in pending.items():
         into = folded64 if target in branch_targets else exact
         _fold_layer(folds, state, workspace, in_place=in_place, exact=into)
-    _apply_merges(merges, state, folded64, exact, report)
+    _apply_merges(merges, state, folded64, report)
+    if merge_branches:
+        _apply_chains(find_chains(state), state, folded64, report, decided)
     state.remove_unused()
     called = {c.name for c in calls}
     for name, cls in (module_names or {}).items():
