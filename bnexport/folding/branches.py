@@ -29,6 +29,7 @@ from bnexport.folding.math import F64
 from bnexport.folding.merge_math import (
     Geometry,
     MergedGeometry,
+    MergedParameters,
     combine,
     identity_geometry,
     identity_kernel,
@@ -492,16 +493,43 @@ def terms_name(terms: list[Term]) -> str:
 # --------------------------------------------------------------------------- the rewrite
 
 
+def store_merged(
+    state: ProgramState,
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    like: LayerCall,
+    exact: dict | None,
+    written: MergedParameters | None,
+) -> tuple[fx.Node, fx.Node]:
+    """New parameters `name.weight` and `name.bias` holding a merged layer's float64 values
+    cast once to the dtype of `like`'s weight; or those of an earlier merge of the same values
+    (another call of a block whose weights serve several calls)."""
+    found = written.find(weight, bias) if written is not None else None
+    if found is not None:
+        return found
+    dtype = like.weight.meta["val"].dtype
+    w_node = state.add_parameter(f"{name}.weight", weight.to(dtype))
+    b_node = state.add_parameter(f"{name}.bias", bias.to(dtype))
+    if exact is not None:
+        exact[state.target(w_node)] = weight
+        exact[state.target(b_node)] = bias
+    if written is not None:
+        written.remember(weight, bias, (w_node, b_node))
+    return w_node, b_node
+
+
 def apply_merge(
     plan: MergePlan,
     state: ProgramState,
     values: Callable[[fx.Node], torch.Tensor],
     exact: dict | None = None,
+    written: MergedParameters | None = None,
 ) -> fx.Node:
     """Put one layer computing the sum in its place, and take the sum's nodes out; returns
     the new layer's node. `values(node)` is the float64 value of a stored weight or bias
     (with the folds into it applied). `exact` receives the merged weight and bias in float64
-    before their one cast."""
+    before their one cast; merges of equal values share the parameters in `written`."""
     geometry = plan.merged.geometry
     kernels, biases, scales = [], [], []
     for term, offset in zip(plan.sum.terms, plan.merged.offsets):
@@ -529,12 +557,7 @@ def apply_merge(
             biases.append(None if term.layer.bias is None else values(term.layer.bias))
         scales.append(term.scale)
     weight, bias = combine(kernels, biases, scales, plan.sum.shift)
-    dtype = plan.layers[0].weight.meta["val"].dtype
-    w_node = state.add_parameter(f"{plan.name}.weight", weight.to(dtype))
-    b_node = state.add_parameter(f"{plan.name}.bias", bias.to(dtype))
-    if exact is not None:
-        exact[state.target(w_node)] = weight
-        exact[state.target(b_node)] = bias
+    w_node, b_node = store_merged(state, plan.name, weight, bias, plan.layers[0], exact, written)
     root = plan.sum.root
     # an earlier merge may have put its layer where x was computed: read x as the layers do now
     x = plan.layers[0].node.args[0]

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from bnexport.folding.branches import common_scope, conv_geometry
-from bnexport.folding.merge_math import Geometry, compose_pointwise
+from bnexport.folding.branches import common_scope, conv_geometry, store_merged
+from bnexport.folding.merge_math import Geometry, MergedParameters, compose_pointwise
 from bnexport.folding.program_state import ProgramState
 from bnexport.folding.sites import LayerCall, data_users, match_layer
 
@@ -120,10 +120,12 @@ def apply_chain(
     state: ProgramState,
     values: Callable[[fx.Node], torch.Tensor],
     exact: dict | None = None,
+    written: MergedParameters | None = None,
 ) -> fx.Node:
     """One conv in the pair's place; returns its node. `values(node)`: the float64 value of a
     stored weight or bias (with the folds and merges into it applied); `exact` receives the
-    merged weight and bias in float64."""
+    merged weight and bias in float64; pairs of equal values share the parameters in
+    `written`."""
     first, second = plan.first, plan.second
     weight, bias = compose_pointwise(
         values(first.weight),
@@ -132,12 +134,7 @@ def apply_chain(
         values(second.weight),
         None if second.bias is None else values(second.bias),
     )
-    dtype = first.weight.meta["val"].dtype
-    w_node = state.add_parameter(f"{plan.name}.weight", weight.to(dtype))
-    b_node = state.add_parameter(f"{plan.name}.bias", bias.to(dtype))
-    if exact is not None:
-        exact[state.target(w_node)] = weight
-        exact[state.target(b_node)] = bias
+    w_node, b_node = store_merged(state, plan.name, weight, bias, first, exact, written)
     g = plan.geometry
     args = (
         first.node.args[0],

@@ -225,3 +225,21 @@ def compose_pointwise(
     if second_bias is not None:
         bias = bias + second_bias.detach().to(F64)
     return weight, bias
+
+
+class MergedParameters:
+    """The merged weights and biases written so far, so that merges computing the same
+    values (the calls of a block whose weights serve several calls) share one copy."""
+
+    def __init__(self):
+        self._written: list[tuple[torch.Tensor, torch.Tensor, object]] = []
+
+    def find(self, weight: torch.Tensor, bias: torch.Tensor):
+        """What was stored for equal float64 values (`remember`), or None."""
+        for w, b, stored in self._written:
+            if w.shape == weight.shape and torch.equal(w, weight) and torch.equal(b, bias):
+                return stored
+        return None
+
+    def remember(self, weight: torch.Tensor, bias: torch.Tensor, stored) -> None:
+        self._written.append((weight, bias, stored))

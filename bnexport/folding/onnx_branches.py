@@ -26,6 +26,7 @@ from bnexport.folding.math import F64
 from bnexport.folding.merge_math import (
     Geometry,
     MergedGeometry,
+    MergedParameters,
     combine,
     identity_geometry,
     identity_kernel,
@@ -393,16 +394,41 @@ def _plan(found: OnnxSum, g: OnnxGraph) -> OnnxMergePlan | OnnxMergeRefusal | No
 # --------------------------------------------------------------------------- the rewrite
 
 
+def store_merged(
+    g: OnnxGraph,
+    base: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    dtype: np.dtype,
+    exact: dict | None,
+    written: MergedParameters | None,
+) -> tuple[ir.Value, ir.Value]:
+    """New initializers holding a merged Conv's float64 weight and bias cast once to `dtype`;
+    or those of an earlier merge of the same values (another call of shared weights)."""
+    found = written.find(weight, bias) if written is not None else None
+    if found is not None:
+        return found
+    w_value = new_initializer(g, f"{base}_merged_weight", weight.numpy().astype(dtype))
+    b_value = new_initializer(g, f"{base}_merged_bias", bias.numpy().astype(dtype))
+    if exact is not None:
+        exact[w_value.name] = weight.numpy()
+        exact[b_value.name] = bias.numpy()
+    if written is not None:
+        written.remember(weight, bias, (w_value, b_value))
+    return w_value, b_value
+
+
 def apply_onnx_merge(
     plan: OnnxMergePlan,
     g: OnnxGraph,
     values: Callable[[ir.Value], torch.Tensor],
     exact: dict | None = None,
+    written: MergedParameters | None = None,
 ) -> int:
     """Put one Conv computing the sum in its place (its output keeps the sum's name) and take
     the sum's nodes and the constants only they read out; returns the bytes of initializers
     this removes. `values(v)`: the float64 value of a weight or bias initializer (with the
-    folds into it applied)."""
+    folds into it applied); merges of equal values share the initializers in `written`."""
     before = _initializer_bytes(g)
     geometry = plan.merged.geometry
     kernels, biases, scales = [], [], []
@@ -425,11 +451,7 @@ def apply_onnx_merge(
     weight, bias = combine(kernels, biases, scales, plan.sum.shift)
     dtype = g.constant(plan.convs[0].inputs[1]).dtype
     base = plan.name.replace("/", "_")
-    w_value = new_initializer(g, f"{base}_merged_weight", weight.numpy().astype(dtype))
-    b_value = new_initializer(g, f"{base}_merged_bias", bias.numpy().astype(dtype))
-    if exact is not None:
-        exact[w_value.name] = weight.numpy()
-        exact[b_value.name] = bias.numpy()
+    w_value, b_value = store_merged(g, base, weight, bias, dtype, exact, written)
     # an earlier merge may have put its Conv where x was computed: read x as the convs do now
     x = plan.convs[0].inputs[0]
     conv = ir.Node(

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import torch
 
-from bnexport.folding.merge_math import Geometry, compose_pointwise
-from bnexport.folding.onnx_branches import conv_geometry, scope
+from bnexport.folding.merge_math import Geometry, MergedParameters, compose_pointwise
+from bnexport.folding.onnx_branches import conv_geometry, scope, store_merged
 from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
-from bnexport.folding.onnx_rewrite import drop_if_unused, new_initializer
+from bnexport.folding.onnx_rewrite import drop_if_unused
 from bnexport.folding.onnx_sites import match_layer
 
 
@@ -107,9 +107,11 @@ def apply_onnx_chain(
     g: OnnxGraph,
     values: Callable[[ir.Value], torch.Tensor],
     exact: dict | None = None,
+    written: MergedParameters | None = None,
 ) -> int:
     """One Conv in the pair's place (its output keeps the 1x1 Conv's name); returns the bytes
-    of initializers this removes. `values(v)`: the float64 value of a weight or bias."""
+    of initializers this removes. `values(v)`: the float64 value of a weight or bias; pairs
+    of equal values share the initializers in `written`."""
     before = sum(
         v.const_value.nbytes for v in g.graph.initializers.values() if v.const_value is not None
     )
@@ -128,11 +130,7 @@ def apply_onnx_chain(
     )
     dtype = g.constant(first.inputs[1]).dtype
     base = plan.name.replace("/", "_")
-    w_value = new_initializer(g, f"{base}_merged_weight", weight.numpy().astype(dtype))
-    b_value = new_initializer(g, f"{base}_merged_bias", b.numpy().astype(dtype))
-    if exact is not None:
-        exact[w_value.name] = weight.numpy()
-        exact[b_value.name] = b.numpy()
+    w_value, b_value = store_merged(g, base, weight, b, dtype, exact, written)
     geometry = plan.geometry
     conv = ir.Node(
         "",

@@ -40,6 +40,7 @@ import torch
 
 from bnexport.folding import math as fm
 from bnexport.folding.checks import check_statistics
+from bnexport.folding.merge_math import MergedParameters
 from bnexport.folding.onnx_affines import match_affine_chains
 from bnexport.folding.onnx_branches import (
     OnnxMergePlan,
@@ -471,6 +472,7 @@ def _apply_merges(
     g: OnnxGraph,
     folded64: dict,
     report: FoldReport,
+    written: MergedParameters,
 ) -> None:
     """Merge each planned sum into one Conv (from the folded float64 weights, its own kept in
     `folded64`) and record every sum, merged or left, with where the merged Conv is checked
@@ -482,7 +484,7 @@ def _apply_merges(
             continue
         names = [node_name(conv) for conv in found.convs]
         root = found.sum.root.name
-        removed = apply_onnx_merge(found, g, values, folded64)
+        removed = apply_onnx_merge(found, g, values, folded64, written)
         report.merges.append(
             BranchMerge(
                 found.name,
@@ -502,6 +504,7 @@ def _apply_chains(
     folded64: dict,
     report: FoldReport,
     decided: dict[ir.Node, FoldDecision],
+    written: MergedParameters,
 ) -> None:
     """Merge each Conv -> 1x1 Conv pair into one Conv, checked where the 1x1 Conv's output was
     (its name); a merge checked at the first Conv's output is checked there instead."""
@@ -515,7 +518,7 @@ def _apply_chains(
                 earlier.check = None
         out = plan.second.outputs[0].name
         layers = [node_name(plan.first), node_name(plan.second)]
-        removed = apply_onnx_chain(plan, g, values, folded64)
+        removed = apply_onnx_chain(plan, g, values, folded64, written)
         report.merges.append(
             BranchMerge(
                 plan.name,
@@ -621,9 +624,10 @@ def fold_onnx_model(
     folded64: dict = {} if exact is None else exact
     for weight, folds in folder.pending.items():
         apply_layer(folds, g, folded64 if weight in branch_weights else exact)
-    _apply_merges(merges, g, folded64, report)
+    written = MergedParameters()  # calls of shared weights merge into one copy
+    _apply_merges(merges, g, folded64, report, written)
     if merge_branches:
-        _apply_chains(find_onnx_chains(g), g, folded64, report, folder.decided)
+        _apply_chains(find_onnx_chains(g), g, folded64, report, folder.decided, written)
     report.decisions.extend(
         folder.decided[node]
         for node in order

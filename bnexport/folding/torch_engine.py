@@ -32,6 +32,7 @@ from bnexport.folding.math import (
     shift_before_scale,
     zero_scale_channels,
 )
+from bnexport.folding.merge_math import MergedParameters
 from bnexport.folding.patterns import (
     PATTERNS,
     PRECEDING,
@@ -609,6 +610,7 @@ def _apply_merges(
     state: ProgramState,
     folded64: dict[str, torch.Tensor],
     report: FoldReport,
+    written: MergedParameters,
 ) -> None:
     """Merge each planned sum into one layer (from the folded float64 weights, its own kept in
     `folded64`) and record every sum, merged or left, with where the merged layer is
@@ -618,7 +620,7 @@ def _apply_merges(
         if isinstance(found, MergeRefusal):
             report.merges.append(BranchMerge(found.name, found.labels, False, reason=found.reason))
             continue
-        node = apply_merge(found, state, values, folded64)
+        node = apply_merge(found, state, values, folded64, written)
         root = found.sum.root.name
         report.aliases[node.name] = report.aliases.get(root, root)
         report.merges.append(
@@ -640,6 +642,7 @@ def _apply_chains(
     folded64: dict[str, torch.Tensor],
     report: FoldReport,
     decided: dict,
+    written: MergedParameters,
 ) -> None:
     """Merge each conv -> 1x1 conv pair into one conv, checked where the 1x1 conv's output
     was; a merge or fold checked at either conv is checked there instead."""
@@ -654,7 +657,7 @@ def _apply_chains(
             if earlier.check is not None and earlier.check.export_value in gone:
                 earlier.check = None
         second = plan.second.node.name
-        node = apply_chain(plan, state, values, folded64)
+        node = apply_chain(plan, state, values, folded64, written)
         report.aliases[node.name] = report.aliases.get(second, second)
         report.merges.append(
             BranchMerge(
@@ -885,9 +888,10 @@ def fold_program(
     for target, folds in pending.items():
         into = folded64 if target in branch_targets else exact
         _fold_layer(folds, state, workspace, in_place=in_place, exact=into)
-    _apply_merges(merges, state, folded64, report)
+    written = MergedParameters()  # calls of a shared block merge into one copy
+    _apply_merges(merges, state, folded64, report, written)
     if merge_branches:
-        _apply_chains(find_chains(state), state, folded64, report, decided)
+        _apply_chains(find_chains(state), state, folded64, report, decided, written)
     state.remove_unused()
     called = {c.name for c in calls}
     for name, cls in (module_names or {}).items():
