@@ -44,6 +44,7 @@ from bnexport.folding.merge_math import (
     merged_geometry,
     place_kernel,
 )
+from bnexport.render import merge_lines
 
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
@@ -353,6 +354,8 @@ def test_sums_that_must_not_merge_stay_with_their_reason(model, reason):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     row = result.report.to_dict()["merges"][0]
     assert row["status"] == "left" and reason in row["reason"]
+    (line,) = merge_lines(result.report)  # the text report's line
+    assert line.startswith("left: ") and reason in line
 
 
 class PlainResidual(nn.Module):
