@@ -7,6 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def batchnorm_nodes(module: torch.fx.GraphModule) -> int:
+    """The BatchNorm ops in a graph module, counted from the ATen op names themselves (every
+    batch-norm op, whether or not its output is read)."""
+    return sum(
+        n.op == "call_function" and "batch_norm" in str(n.target) for n in module.graph.nodes
+    )
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BN trained-like state: var log-uniform in 1e-4..1e2, gamma in [-2, 2]."""
     gen = torch.Generator().manual_seed(seed)

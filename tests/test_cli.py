@@ -171,7 +171,9 @@ def test_multi_input_dict_output_end_to_end(tmp_path):
     assert [i.name for i in sess.get_inputs()] == ["signal", "features"]
 
 
-def test_input_shapes_for_several_inputs_of_a_state_dict(tmp_path, monkeypatch):
+def test_input_shapes_for_several_inputs_of_a_state_dict(tmp_path):
+    """One --input-shape per forward argument, in order: the ONNX file's inputs take those
+    shapes (batch dynamic), both BNs fold and the export verifies."""
     torch.manual_seed(2)
     (tmp_path / "twonets.py").write_text(
         "from tests.test_cli import TwoInputsDictOut\n\n"
@@ -192,6 +194,16 @@ def test_input_shapes_for_several_inputs_of_a_state_dict(tmp_path, monkeypatch):
         "2",
     )
     assert result.exit_code == 0, result.output
+    assert "BatchNorm: 2 before, 0 after (2 folded)" in result.output
+    assert "verify: PASS" in result.output
+    graph = onnx.load(str(tmp_path / "w.onnx")).graph
+    shapes = {
+        i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+    }
+    assert [*shapes] == ["signal", "features"]
+    assert shapes["signal"][1:] == [3, 9] and shapes["features"][1:] == [5]
+    assert isinstance(shapes["signal"][0], str)  # the batch axis is dynamic
 
 
 def test_data_file_gives_accuracy_and_agreement(cnn_pt2, tmp_path):

@@ -11,8 +11,7 @@ from torch import nn
 
 from bnexport import fold
 from bnexport.errors import InvalidModelError
-from bnexport.folding.sites import match_batchnorm
-from tests.nets import randomize_bn
+from tests.nets import batchnorm_nodes, randomize_bn
 
 
 def _state(model: nn.Module):
@@ -39,7 +38,7 @@ def check_fold(model: nn.Module, *args, folded=(), left=(), seed=0):
         assert report.decision(name).status == "folded", report
     for name in left:
         assert report.decision(name).status == "left", report
-    remaining = sum(match_batchnorm(n) is not None for n in result.module.graph.nodes)
+    remaining = batchnorm_nodes(result.module)
     assert remaining == len(report.left)
     return report
 

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnexport import fold
-from bnexport.folding.sites import match_batchnorm
-from tests.nets import build_from_spec, randomize_bn
+from tests.nets import batchnorm_nodes, build_from_spec, randomize_bn
 
 
 def _divisors(n: int) -> list[int]:
@@ -124,7 +123,7 @@ def test_folding_never_changes_outputs(arch, seed, batch):
     folded = {d.name for d in result.report.folded}
     missing = _covered_bn_names(model) - folded
     assert not missing, (missing, str(result.report))
-    left_nodes = sum(match_batchnorm(n) is not None for n in result.module.graph.nodes)
+    left_nodes = batchnorm_nodes(result.module)
     assert left_nodes == len(result.report.left)
 
 
@@ -209,5 +208,5 @@ def test_shared_layers_with_their_own_bns_never_change_outputs(arch, seed, dupli
         covered = _covered_bn_names(a)
         folded = {d.name.removeprefix("a.") for d in result.report.folded}
         assert covered <= folded, (covered, str(result.report))
-    left_nodes = sum(match_batchnorm(n) is not None for n in result.module.graph.nodes)
+    left_nodes = batchnorm_nodes(result.module)
     assert left_nodes == len(result.report.left)

@@ -39,8 +39,14 @@ def _io_types(model: onnx.ModelProto) -> set[int]:
     return {v.type.tensor_type.elem_type for v in values}
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "tabular_mlp", "digits_autoencoder"])
-def test_shipped_models_in_float16(name, tmp_path):
+@pytest.mark.parametrize(
+    "name,classifier",
+    [("digits_cnn", True), ("tabular_mlp", True), ("digits_autoencoder", False)],
+)
+def test_shipped_models_in_float16(name, classifier, tmp_path):
+    """Each shipped model in float16, verified on its held-out split: the classifiers' argmax
+    and accuracy agree with the float32 original; the autoencoder has no argmax to compare
+    and its outputs stay within the float16 tolerance."""
     out = tmp_path / f"{name}.onnx"
     result, report = _fold(MODELS / f"{name}.pt2", "-o", out, "--fp16")
     assert result.exit_code == 0, result.output
@@ -50,11 +56,16 @@ def test_shipped_models_in_float16(name, tmp_path):
     assert sizes.get(FLOAT16, 0) >= 0.9 * sum(sizes.values())
     assert _io_types(model) == {FLOAT}
     assert report["float16"]["kept_float32"] == []
-    agreement = report["verify"].get("data_argmax_agreement")
-    if agreement is not None:  # the classifiers, on their held-out split
-        assert agreement >= 0.995
-        acc = report["verify"]["accuracy"]
+    verify = report["verify"]
+    assert verify["data"]["path"].endswith(f"{name}_test.npz") and verify["data"]["samples"] > 100
+    if classifier:
+        assert verify["data_argmax_agreement"] >= 0.995
+        acc = verify["accuracy"]
+        assert acc["n"] == verify["data"]["samples"]
         assert abs(acc["onnx"] - acc["original"]) <= 0.005
+    else:
+        assert verify.get("data_argmax_agreement") is None and verify.get("accuracy") is None
+    assert verify["max_rel_err"] < 5e-3  # measured: 5e-4 for the classifiers, 2e-3 for the AE
     assert "float16: " in result.output and "tolerance for the float16 export" in result.output
 
 

@@ -343,7 +343,7 @@ def test_float32_model_keeps_its_verdict_and_tolerance_fields(tmp_path):
     assert all(set(o) == FLOAT32_OUTPUT_KEYS for o in verify["outputs"])
     assert (verify["atol"], verify["rtol"]) == (DEFAULT_ATOL, DEFAULT_RTOL)
     assert verify["passed"] is True
-    assert "tolerance atol 1e-06 + rtol 1e-05 x scale)" in text
+    assert "tolerance atol 1e-06 + rtol 1e-05 x scale" in text
     assert "tolerance for" not in text and "original err" not in text
     (out,) = verify["outputs"]
     assert out["max_abs_err"] <= DEFAULT_ATOL + DEFAULT_RTOL * out["scale"]

@@ -241,6 +241,8 @@ def test_static_batch_is_a_warning_for_onnx(cnn_onnx, tmp_path):
 
 
 def test_initializer_that_is_a_graph_output_keeps_its_type(tmp_path):
+    """An initializer that is also a graph output: after the fold the output is still
+    declared float [3] and still yields the initializer's values."""
     b = GraphBuilder()
     y = b.bn(b.node("Conv", ["x", b.weight(5, 4, 1, 1)]), 5)
     k = b.const(np.ones(3, np.float32), "k")
@@ -257,6 +259,15 @@ def test_initializer_that_is_a_graph_output_keeps_its_type(tmp_path):
     onnx.save(model, str(tmp_path / "m.onnx"))
     result = _invoke("fold", tmp_path / "m.onnx")
     assert result.exit_code == 0, result.output
+    folded = onnx.load(str(tmp_path / "m.folded.onnx"))
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    outputs = {
+        o.name: (o.type.tensor_type.elem_type, [d.dim_value for d in o.type.tensor_type.shape.dim])
+        for o in folded.graph.output
+    }
+    assert outputs[k] == (TensorProto.FLOAT, [3])  # declared float [3] in the file, still so
+    got = run(folded, {"x": np.ones((2, 4, 6, 6), np.float32)})[1]
+    assert got.dtype == np.float32 and np.array_equal(got, np.ones(3, np.float32))
 
 
 def test_external_data_stays_external_when_every_external_tensor_was_folded(tmp_path):

@@ -14,9 +14,6 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-from bnexport.folding.math import zero_scale_channels
-from bnexport.folding.shared import DUPLICATE_FLAG, shared_refusal, zero_scale_refusal
-from bnexport.formatting import fmt_bytes
 from tests.onnx_builders import GraphBuilder, bn_count, fold_proto, max_rel_diff, run
 
 EPS = 1e-5
@@ -148,8 +145,8 @@ def test_calls_that_differ_are_left_or_get_copies(second, why):
     out, report = _fold_and_compare(model, feeds)
     assert bn_count(out) == bn_count(model) and not report.folded
     reason = report.left[0].reason
-    assert DUPLICATE_FLAG in reason and f"+{fmt_bytes(size)}" in reason and why in reason
-    assert "serve 2 calls" in reason
+    assert size == 592 and "--duplicate-shared" in reason and "(+592 B)" in reason
+    assert why in reason and "serve 2 calls" in reason
 
     out, report = _fold_and_compare(model, feeds, duplicate_shared=True)
     assert bn_count(out) == 0 and report.bytes_added == size
@@ -448,6 +445,8 @@ def test_unpadded_conv_still_folds_the_shift_into_its_bias():
 
 
 def test_zero_gamma_before_padded_conv_is_left():
+    """The reason names the padded layer, the channels with scale 0 and why the shift
+    cannot stay as an Add."""
     b = GraphBuilder(seed=14)
     params = _bn_params(b, 4, gamma=np.array([1.0, 0.0, -0.5, 0.0]))
     conv = b.node(
@@ -456,9 +455,10 @@ def test_zero_gamma_before_padded_conv_is_left():
     model = b.model([X4], [conv])
     out, report = _fold_and_compare(model, {"x": _x(2, 4, 6, 6)})
     assert bn_count(out) == 1
-    name = model.graph.node[-1].name
-    want = zero_scale_refusal(name, zero_scale_channels(torch.tensor([1.0, 0.0, -0.5, 0.0])))
-    assert want in report.left[0].reason and "channels 1, 3" in want
+    reason = report.left[0].reason
+    assert f"{model.graph.node[-1].name} pads with zeros that do not pass through the BN" in reason
+    assert "channels 1, 3 of the BN have scale 0 (gamma = 0)" in reason
+    assert "its shift cannot be kept as an Add before the padding" in reason
 
 
 def test_bn_output_also_used_elsewhere_is_left():
@@ -518,10 +518,13 @@ def test_shared_refusal_wording():
     """The reason names the layer, the calls, what differs, the flag and the bytes it adds."""
     model, w, bias = _two_calls("none")
     _, report = fold_proto(model)
-    name = model.graph.node[0].name
-    other = model.graph.node[2].name
-    want = shared_refusal(name, 2, f"Conv '{other}' has no BN to fold", 4 * 4 * 9 * 4 + 16)
-    assert report.left[0].reason.startswith(f"preceding: {want}")
+    name, other = model.graph.node[0].name, model.graph.node[2].name
+    reason = report.left[0].reason
+    assert reason.startswith(f"preceding: the weights of {name} serve 2 calls and "), reason
+    assert f"Conv '{other}' has no BN to fold, so folding into them would change" in reason
+    # the copy: a 4x4x3x3 float32 weight (576 bytes) and a bias of 4 floats (16 bytes)
+    flag = "--duplicate-shared gives this call its own folded copy of the weights (+592 B);"
+    assert f"; {flag}" in reason, reason
 
 
 def test_three_calls_with_three_bns_name_the_bns_left_earlier():

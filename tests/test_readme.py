@@ -188,6 +188,11 @@ def _kind(command: str) -> str | None:
     return None
 
 
+def _metrics() -> dict:
+    """The shipped models' measured test figures, as `python -m models.train` wrote them."""
+    return json.loads((ROOT / "models" / "metrics.json").read_text())
+
+
 def _workdir(tmp_path: Path) -> Path:
     def generated(_: str, names: list[str]) -> list[str]:
         return [n for n in names if n.endswith(".onnx") and not n.endswith(".unfolded.onnx")]
@@ -264,7 +269,8 @@ def test_quick_start_onnx_command_runs_as_written(tmp_path):
     done = _run(command, work)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "BatchNorm: 4 before, 0 after (4 folded); 1 shift kept as Add node" in done.stdout
-    assert "original 98.22%, ONNX 98.22%" in done.stdout and "98.22%" in section
+    accuracy = f"{100 * _metrics()['digits_cnn']['test_accuracy']:.2f}%"
+    assert f"original {accuracy}, ONNX {accuracy}" in done.stdout and accuracy in section
     assert (work / "models" / "digits_cnn.unfolded.folded.onnx").is_file()
     shown = _output_block(section[section.index(command) :])
     assert "BatchNorm: 4 before, 0 after (4 folded); 1 shift kept as Add node" in shown
@@ -351,7 +357,19 @@ def test_stale_model_commands_run_as_written(tmp_path):
     assert "stale: 4 of 4 BNs" in outputs[0]
     shown = re.search(r"(\d+\.\d+)% -> (\d+\.\d+)%", section).groups()
     assert f"before {shown[0]}%, after {shown[1]}%" in outputs[1]
-    assert "original 99.11%, ONNX 99.11%" in outputs[2] and "99.11%" in section
+    # the held-out accuracy of the recalibrated model, from its own outputs in PyTorch
+    import numpy as np
+    import torch
+
+    models = work / "models"
+    held_out = np.load(models / "digits_cnn_stale_test.npz")
+    program = torch.export.load(str(models / "digits_cnn_stale.recalibrated.pt2"))
+    with torch.no_grad():
+        logits = program.module()(torch.from_numpy(held_out["x"]))
+    correct = logits.argmax(1).numpy() == held_out["labels"]
+    accuracy = f"{100 * correct.mean():.2f}%"
+    assert f"{len(correct)} labelled samples: original {accuracy}, ONNX {accuracy}" in outputs[2]
+    assert f"accuracy {accuracy} (original and ONNX alike)" in " ".join(section.split())
 
 
 def test_float16_command_runs_as_written(tmp_path):

@@ -26,6 +26,11 @@ class Affine:
     t: torch.Tensor
     shift_kept: bool = False
 
+    @property
+    def changes_bias(self) -> bool:
+        """A fold into the preceding layer, or a shift that the following layer's bias takes."""
+        return self.direction == PRECEDING or (not self.shift_kept and bool(self.t.any()))
+
 
 @dataclass
 class LayerFolds:
@@ -158,7 +163,7 @@ def apply_layer(folds: LayerFolds, g: OnnxGraph, exact: dict | None = None) -> N
         if a.direction == PRECEDING:
             weight = fm.scale_weight(weight, a.s, layer.layout.out_axis, layer.layout)
             bias = a.s * bias + a.t  # the bias broadcasts along its last axis, the channels
-        elif a.shift_kept:  # the shift stays before the layer: the bias is unchanged
+        elif a.shift_kept or not bool(a.t.any()):  # no shift reaches the bias
             weight = fm.scale_weight(weight, a.s, layer.layout.in_axis, layer.layout)
         else:
             delta = fm.following_bias_delta(weight, a.t, layer.layout, n_out)
@@ -168,7 +173,7 @@ def apply_layer(folds: LayerFolds, g: OnnxGraph, exact: dict | None = None) -> N
     written = _store([c.node for c in calls], layer.weight, weight.numpy(), w_dtype, g)
     if exact is not None:
         exact[written.name] = weight.numpy()
-    if any(not a.shift_kept for a in folds.affines):
+    if any(a.changes_bias for a in folds.affines):
         written = _write_bias(calls, bias.numpy(), b_dtype, g)
         if exact is not None:
             exact[written.name] = bias.numpy()

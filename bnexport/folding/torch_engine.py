@@ -319,9 +319,9 @@ def _apply_group(
     for member in group.plans if group.branches else [plan]:
         w_target = state.target(member.layer.weight)
         folds = pending.setdefault(w_target, _LayerFolds(member.layer))
-        if not member.shift_kept:
-            _bias_target(folds, data_users(member.layer.weight), state)
         s, t = _layer_affine(member, state)
+        if member.direction == PRECEDING or (not member.shift_kept and bool(t.any())):
+            _bias_target(folds, data_users(member.layer.weight), state)
         folds.affines.append(_Affine(member.direction, s, t, member.shift_kept))
     for member in group.plans[:1] if group.branches else group.plans:
         _remove_batchnorm(member, state, shifts, exact)
@@ -379,7 +379,7 @@ def _fold_layer(
                 axis = layout.out_axis
                 if affine.direction != PRECEDING:
                     axis = layout.in_axis
-                if affine.direction != PRECEDING and not affine.shift_kept:
+                if affine.direction != PRECEDING and not affine.shift_kept and affine.t.any():
                     deltas[k] += following_bias_delta(
                         block, affine.t, layout, out_channels, start, rows
                     )
