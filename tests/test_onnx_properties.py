@@ -828,10 +828,11 @@ def res_shared_calls(draw, g: Builder, x: T) -> T:
 
 
 def res_bn_after_add(draw, g: Builder, x: T) -> T:
-    """x -> Conv -> BN -> Add(x) -> BN -> Relu: the first folds, the second stays."""
+    """x -> Conv -> BN -> Add(x) -> BN -> Relu: the first folds into the Conv; the Conv, x and
+    the second BN merge into one Conv (RepViT's BN(conv(x) + x))."""
     c = _same_conv(draw, g, x, x.channels, draw(st.sampled_from([1, 3])), 1)
     s = g.node("Add", [g.bn(c.name, c.channels, FOLDED), x.name])
-    return T(g.node("Relu", [g.bn(s, c.channels, LEFT)]), x.shape)
+    return T(g.node("Relu", [g.bn(s, c.channels, FOLDED)]), x.shape)
 
 
 def res_concat(draw, g: Builder, x: T) -> T:
