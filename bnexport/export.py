@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bnexport.defaults import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
 from bnexport.errors import ExportError, summarize_exception
 from bnexport.files import atomic_file_set, check_writable
-from bnexport.report import FOLDED, CheckPoint, FoldDecision, FoldReport, OnnxInfo
+from bnexport.report import FOLDED, BranchMerge, CheckPoint, FoldDecision, FoldReport, OnnxInfo
 from bnexport.version import __version__
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, object]:
     """The metadata an exported file carries: the tool version, every BN folded (into which
-    layer, in which direction) and every BN left with its reason."""
+    layer, in which direction), every BN left with its reason, and every sum of branches
+    merged into one layer (with where it is checked)."""
     meta: dict[str, object] = {"bnexport_version": __version__, **extra}
     if report is not None:
         meta["bnexport_folded"] = [
@@ -37,9 +38,20 @@ def onnx_metadata(report: FoldReport | None, **extra: object) -> dict[str, objec
                 "direction": d.direction,
                 "shift_kept": d.shift_kept,
                 **({"check": d.check.to_dict()} if d.check is not None else {}),
+                **({"merged_into": d.merged_into} if d.merged_into is not None else {}),
             }
             for d in report.folded
         ]
+        if report.merged:
+            meta["bnexport_merged"] = [
+                {
+                    "into": m.into,
+                    "branches": m.branches,
+                    "convs_removed": m.convs_removed,
+                    **({"check": m.check.to_dict()} if m.check is not None else {}),
+                }
+                for m in report.merged
+            ]
         meta["bnexport_left"] = [{"name": d.name, "reason": d.reason} for d in report.left]
         if report.aliases or report.changed:
             meta["bnexport_names"] = {
@@ -82,6 +94,18 @@ def recorded_folds(path: str | Path) -> FoldReport | None:
                     direction=entry.get("direction"),
                     shift_kept=bool(entry.get("shift_kept")),
                     check=None if check is None else _check_point(check),
+                    merged_into=entry.get("merged_into"),
+                )
+            )
+        for entry in json.loads(meta.get("bnexport_merged", "[]")):
+            check = entry.get("check")
+            report.merges.append(
+                BranchMerge(
+                    into=entry["into"],
+                    branches=list(entry.get("branches", [])),
+                    merged=True,
+                    convs_removed=int(entry.get("convs_removed", 0)),
+                    check=None if check is None else _check_point(check),
                 )
             )
     except (ValueError, KeyError, TypeError):
@@ -116,15 +140,21 @@ def count_ops(model) -> dict[str, int]:
 
 # The ops a fold removes or adds, by the aten op (overload packet) they are traced as; each
 # exports as one ONNX node of this type.
-_TRACED_AS = {"mul": "Mul", "add": "Add", "sub": "Sub", "div": "Div"}
+_ARITHMETIC = {"mul": "Mul", "add": "Add", "sub": "Sub", "div": "Div"}
+_TRACED_AS = {
+    **_ARITHMETIC,
+    **{f"{op}_": name for op, name in _ARITHMETIC.items()},  # in place (MobileOne's `out +=`)
+    # convs, which a merge of parallel branches removes
+    **{f"conv{n}d": "Conv" for n in (1, 2, 3)},
+}
 
 
 def traced_ops(program) -> Counter:
     """The nodes of a torch.export program that compute on its inputs, counted by the ONNX
     op each exports as, for the ops a fold removes or adds: batch norms
-    (BatchNormalization) and arithmetic (Mul, Add, Sub, Div). Arithmetic on stored tensors
-    alone (a frozen BN's scale computed from its buffers) is not counted: the exporter turns
-    it into a constant."""
+    (BatchNormalization), arithmetic (Mul, Add, Sub, Div) and convs (Conv). Arithmetic on
+    stored tensors alone (a frozen BN's scale computed from its buffers) is not counted: the
+    exporter turns it into a constant."""
     data = set(program.graph_signature.user_inputs)
     on_data: set = set()
     counts: Counter = Counter()
@@ -141,6 +171,8 @@ def traced_ops(program) -> Counter:
             counts["BatchNormalization"] += 1
         elif packet in _TRACED_AS:
             counts[_TRACED_AS[packet]] += 1
+        elif packet == "convolution" and not node.args[6]:
+            counts["Conv"] += 1
     return counts
 
 
@@ -158,12 +190,16 @@ def ops_before_fold(after: dict[str, int], traced: Counter, folded: Counter) -> 
 
 def ops_with_folds_undone(after: dict[str, int], fold: FoldReport) -> dict[str, int]:
     """The op counts of a file with the BN folds of `fold` undone: each folded BN back as one
-    BatchNormalization node, each Add that keeps a shift (`shift_kept`) gone."""
+    BatchNormalization node, each Add that keeps a shift (`shift_kept`) gone, each merged sum
+    of branches back as its layers and the Adds between them."""
     before = Counter(after)
     for d in fold.folded:
         before["BatchNormalization"] += 1
         if d.shift_kept:
             before["Add"] -= 1
+    for m in fold.merged:
+        before["Conv"] += m.convs_removed
+        before["Add"] += len(m.branches) - 1
     return {op: n for op, n in before.items() if n > 0}
 
 
@@ -241,6 +277,62 @@ def to_onnx_program(program: torch.export.ExportedProgram, *, opset: int | None 
                 f"torch.onnx.export failed ({summarize_exception(exc)}). Try another --opset "
                 "or --static-batch; run with --debug for the full trace."
             ) from exc
+
+
+def export_names(onnx_program, program: torch.export.ExportedProgram) -> dict[str, str]:
+    """The name of each node of `program` in the file `torch.onnx.export` made of it.
+
+    The exporter traces the program again and names every node afresh, by its op and how
+    many came before it: a fold that removes a conv, an Add or a Mul renumbers the later ones
+    (the third conv2d, `conv2d_2`, becomes `conv2d_1` once a merge removes one before it).
+    Each node of the traced-again program records the node it came from (`from_node`); the
+    last one from a node holds its value. Inputs and stored tensors keep their names."""
+    own = {n.name for n in program.graph.nodes}
+    names = {n.name: n.name for n in program.graph.nodes if n.op == "placeholder"}
+    exported = getattr(onnx_program, "exported_program", None)
+    if exported is None:
+        return {name: name for name in own}
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        source = _source_name(node.meta.get("from_node") or [], own)
+        if source is not None:
+            names[source] = node.name
+    return names
+
+
+def _source_name(sources, own: set[str]) -> str | None:
+    """The first node of `own` in a chain of `from_node` records."""
+    for source in sources:
+        if getattr(source, "name", None) in own:
+            return source.name
+        found = _source_name(getattr(source, "from_node", None) or [], own)
+        if found is not None:
+            return found
+    return None
+
+
+def exported_report(report: FoldReport, names: dict[str, str]) -> FoldReport:
+    """A copy of `report` whose check points, aliases and changed names are the file's
+    (`export_names`); names of nodes the file does not have are dropped."""
+    import copy
+
+    renamed = copy.deepcopy(report)
+
+    def point(check: CheckPoint | None) -> None:
+        if check is None:
+            return
+        check.export_value = names.get(check.export_value, check.export_value)
+        if check.layer_value is not None:
+            check.layer_value = names.get(check.layer_value, check.layer_value)
+
+    for d in renamed.decisions:
+        point(d.check)
+    for m in renamed.merges:
+        point(m.check)
+    renamed.aliases = {names[k]: v for k, v in report.aliases.items() if k in names}
+    renamed.changed = {names[k] for k in report.changed if k in names}
+    return renamed
 
 
 def initializer_bytes(model) -> int:
@@ -364,8 +456,6 @@ def export_onnx(
     from bnexport.trace import trace
 
     report = getattr(model, "report", None)
-    meta = onnx_metadata(report)
-    meta.update(metadata or {})
     if report is not None:
         program = model.program
     elif isinstance(model, torch.export.ExportedProgram):
@@ -376,4 +466,15 @@ def export_onnx(
         if example_inputs is None:
             raise TypeError("export_onnx() needs example_inputs for an nn.Module")
         program = trace(model, tuple(example_inputs), dynamic_batch=dynamic_batch)
-    return export_program(program, path, opset=opset, metadata=meta, external_data=external_data)
+    onnx_program = to_onnx_program(program, opset=opset)
+    if report is not None:
+        report = exported_report(report, export_names(onnx_program, program))
+    meta = onnx_metadata(report)
+    meta.update(metadata or {})
+    return save_onnx_model(
+        onnx_program.model,
+        path,
+        metadata=meta,
+        external_data=external_data,
+        threshold=EXTERNAL_DATA_THRESHOLD,
+    )

@@ -119,16 +119,19 @@ def _verdict(
 
 def program_capture_names(program) -> set[str]:
     """The tensors of a torch.export program that a check may need: the user inputs, every
-    BN call's and other affine map's input and output, and every conv/linear layer's input
-    and output."""
+    BN call's and other affine map's input and output, every conv/linear layer's input
+    and output, and every sum of parallel branches that a merge may turn into one layer."""
     from bnexport.folding.affines import ConstantValues, affine_calls
+    from bnexport.folding.branches import sum_outputs
     from bnexport.folding.program_state import ProgramState
     from bnexport.folding.sites import match_batchnorm, match_layer
 
     state = ProgramState(program, copy_graph=False)
+    constants = ConstantValues(state)
     names = set(program.graph_signature.user_inputs)
-    for call in affine_calls(state.graph, ConstantValues(state)):
+    for call in affine_calls(state.graph, constants):
         names.update((call.input.name, call.node.name))
+    names.update(sum_outputs(state, constants))
     for node in state.graph.nodes:
         if node.op != "call_function":
             continue

@@ -40,25 +40,28 @@ def cut_layers(
     initializers = {t.name for t in export.graph.initializer}
     graph_inputs = {i.name for i in export.graph.input}
     cuts, unmapped = [], []
-    for d in report.folded:
-        if d.check is None:
+    points = [(d.name, d.into or d.name, d.check) for d in report.folded]
+    # a sum of branches merged into one layer: the layer's output where the sum's was
+    points += [(f"{len(m.branches)} merged branches", m.into, m.check) for m in report.merged]
+    for name, layer, check in points:
+        if check is None:
             continue
-        value = d.check.export_value
-        if value not in producers and d.check.layer_value in producers:
-            value = d.check.layer_value  # the reshapes after the layer were merged away
+        value = check.export_value
+        if value not in producers and check.layer_value in producers:
+            value = check.layer_value  # the reshapes after the layer were merged away
         piece = _cut(export, value, producers, initializers, graph_inputs, report, available)
         if isinstance(piece, str):
-            unmapped.append({"name": d.name, "reason": piece})
+            unmapped.append({"name": name, "reason": piece})
             continue
         model, feeds = piece
         _load_external(model, base_dir)
         # a layer that took in a BN on each side: its output now stands for the later BN's
-        target = report.aliases.get(d.check.export_value, d.check.original_value)
-        if d.check.export_value in report.changed or not available(target):
-            reason = f"the original has no tensor equal to {d.check.export_value} of the export"
-            unmapped.append({"name": d.name, "reason": reason})
+        target = report.aliases.get(check.export_value, check.original_value)
+        if check.export_value in report.changed or not available(target):
+            reason = f"the original has no tensor equal to {check.export_value} of the export"
+            unmapped.append({"name": name, "reason": reason})
             continue
-        cuts.append(LayerCut(d.name, d.into or d.name, d.check, model, feeds, target))
+        cuts.append(LayerCut(name, layer, check, model, feeds, target))
     return cuts, unmapped
 
 

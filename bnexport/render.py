@@ -239,6 +239,15 @@ def left_lines(fold: FoldReport) -> list[str]:
     return _group_lines([(d.name, d.status, d.reason) for d in fold.decisions if not d.folded])
 
 
+def merge_lines(fold: FoldReport) -> list[str]:
+    """One line per sum of parallel branches that could not be merged, with the reason."""
+    return [
+        f"left: {len(m.branches)} branches ({', '.join(m.branches)}) in {m.into}: {m.reason}"
+        for m in fold.merges
+        if not m.merged
+    ]
+
+
 def _group_lines(decisions: list[tuple[str, str, str | None]]) -> list[str]:
     return [
         f"{status}: {len(names)} BN{'s' if len(names) != 1 else ''} "
@@ -297,8 +306,16 @@ def render_run(report: RunReport, console: Console, detail: str = DEFAULT) -> No
                 report.fold.rows(),
                 fold_wide=True,
             )
+            if report.fold.merges:
+                _table(
+                    console,
+                    "Parallel branches merged into one layer",
+                    ("layer", "outcome", "detail"),
+                    [(m.into, m.status, m.detail) for m in report.fold.merges],
+                    fold_wide=True,
+                )
         else:
-            for line in left_lines(report.fold):
+            for line in left_lines(report.fold) + merge_lines(report.fold):
                 _print(console, line)
     for warning in report.warnings:
         _print(console, f"warning: {warning}")

@@ -33,6 +33,8 @@ LEFT = "left"
 UNUSED = "unused"
 # the direction of a BN on constants (a weight standardized in forward): computed at fold time
 COMPUTED = "computed"
+# the direction of a map on a branch of a sum merged into one layer (an identity branch's BN)
+MERGED = "merged"
 
 PASSED = "passed"
 FAILED = "failed"
@@ -84,6 +86,9 @@ class FoldDecision:
     bytes_added: int = 0
     check: CheckPoint | None = field(default=None, repr=False)  # where the fold is checked
     batchnorm: bool = True  # False for another frozen affine map (Mul/Add by constants, ...)
+    # the layer that `into` (or, for a map merged directly, the map) became part of when a
+    # sum of parallel branches was merged into one layer; checked there
+    merged_into: str | None = None
 
     @property
     def folded(self) -> bool:
@@ -103,6 +108,8 @@ class FoldDecision:
             return self.reason or ""
         if self.direction == COMPUTED:
             return "computed once at fold time: its input is constant"
+        if self.direction == MERGED:
+            return f"merged into {self.into} with the branches it is summed with"
         text = (
             f"scale folded into {self.into}; shift kept as an Add before it"
             if self.shift_kept
@@ -112,7 +119,59 @@ class FoldDecision:
             text += f" (its own copy of {self.into}'s weights, +{fmt_bytes(self.bytes_added)})"
         elif self.shared_calls > 1:
             text += f" (weights shared by {self.shared_calls} calls, folded once)"
+        if self.merged_into is not None:
+            text += f", then merged into {self.merged_into}"
         return text
+
+
+@dataclass
+class BranchMerge:
+    """A sum of parallel branches of one tensor (convs, linears, the tensor itself, with
+    per-channel maps such as BNs on the way) merged into one layer `into`, or left with
+    `reason`; or (`chain`) a conv and the 1x1 conv right after it, merged. `branches` says
+    what each branch was (`conv3x3`, `identity BN`), `layers` the layers whose weights it
+    took; `convs_removed` and `bytes_removed` are what the merge took out of the model (the
+    layers, and the stored tensors only they read, less the merged layer's own)."""
+
+    into: str
+    branches: list[str]
+    merged: bool
+    layers: list[str] = field(default_factory=list)
+    reason: str | None = None
+    convs_removed: int = 0
+    bytes_removed: int = 0
+    check: CheckPoint | None = field(default=None, repr=False)  # the merged layer's output
+    chain: bool = False  # not branches: a conv and the 1x1 conv after it (`branches` in order)
+
+    @property
+    def status(self) -> str:
+        return MERGED if self.merged else LEFT
+
+    @property
+    def detail(self) -> str:
+        what = f"{len(self.branches)} branches ({', '.join(self.branches)})"
+        if self.chain:
+            what = " -> ".join(self.branches)
+        if not self.merged:
+            return f"{what} left: {self.reason}"
+        return (
+            f"merged {what} into {self.into} ({self.convs_removed} "
+            f"layer{'s' if self.convs_removed != 1 else ''} and {fmt_bytes(self.bytes_removed)} "
+            "removed)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "into": self.into,
+            "status": self.status,
+            "branches": list(self.branches),
+            "layers": list(self.layers),
+            "convs_removed": self.convs_removed,
+            "bytes_removed": self.bytes_removed,
+            "reason": self.reason,
+            "detail": self.detail,
+            "chain": self.chain,
+        }
 
 
 @dataclass
@@ -129,6 +188,8 @@ class FoldReport:
     warnings: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict, repr=False)
     changed: set[str] = field(default_factory=set, repr=False)
+    # sums of parallel branches merged into one layer, and those left (with the reason)
+    merges: list[BranchMerge] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -157,6 +218,15 @@ class FoldReport:
     def bytes_added(self) -> int:
         """Bytes of weight copies made so that calls of a shared layer fold separately."""
         return sum(d.bytes_added for d in self.decisions)
+
+    @property
+    def merged(self) -> list[BranchMerge]:
+        return [m for m in self.merges if m.merged]
+
+    @property
+    def convs_removed(self) -> int:
+        """Layers the merges of parallel branches took out of the model."""
+        return sum(m.convs_removed for m in self.merged)
 
     @property
     def called(self) -> int:
@@ -195,6 +265,21 @@ class FoldReport:
             line += f"; {fmt_bytes(self.bytes_added)} of weight copies added"
         if self.unused:
             line += f"; {len(self.unused)} never called by forward"
+        if self.merged:
+            sums = sum(not m.chain for m in self.merged)
+            chains = len(self.merged) - sums
+            removed = self.convs_removed
+            what = [f"{sums} sum{'s' if sums != 1 else ''} of parallel branches"] if sums else []
+            if chains:
+                what.append(f"{chains} conv -> 1x1 conv chain{'s' if chains != 1 else ''}")
+            line += (
+                f"; {' and '.join(what)} merged into one layer each ({removed} "
+                f"layer{'s' if removed != 1 else ''}, "
+                f"{fmt_bytes(sum(m.bytes_removed for m in self.merged))} removed)"
+            )
+        left = len(self.merges) - len(self.merged)
+        if left:
+            line += f"; {left} sum{'s' if left != 1 else ''} of branches left"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +296,8 @@ class FoldReport:
             "unused": [{"name": d.name, "reason": d.reason} for d in self.unused],
             "affine_maps": {"total": len(maps), "folded": sum(d.folded for d in maps)},
             "layers": [_decision_dict(d) for d in self.decisions],
+            "merges": [m.to_dict() for m in self.merges],
+            "convs_removed": self.convs_removed,
             "warnings": list(self.warnings),
         }
 
@@ -218,7 +305,11 @@ class FoldReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        lines = [plain_table(("BatchNorm", "outcome", "detail"), self.rows()), self.summary()]
+        lines = [plain_table(("BatchNorm", "outcome", "detail"), self.rows())]
+        if self.merges:
+            rows = [(m.into, m.status, m.detail) for m in self.merges]
+            lines.append(plain_table(("branch sum", "outcome", "detail"), rows))
+        lines.append(self.summary())
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -251,8 +251,10 @@ class SharedOutput(nn.Module):
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
+        # a product (bn(y) + y would be one linear map of y: the merge of parallel branches
+        # makes it one conv, see test_reparameterize.py)
         y = self.conv(x)
-        return self.bn(y) + y
+        return self.bn(y) * y
 
 
 def test_output_used_twice_is_left():

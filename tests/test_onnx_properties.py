@@ -737,13 +737,14 @@ def res_projection(draw, g: Builder, x: T) -> T:
 
 
 def res_conv_output_reused(draw, g: Builder, x: T) -> T:
-    """Conv -> c; c -> BN and c -> Add / Relu / the model's outputs: the BN must stay."""
+    """Conv -> c; c -> BN and c -> Mul / Relu / the model's outputs: the BN must stay. (BN(c)
+    + c would be one linear map of c: the merge of parallel branches makes it one Conv.)"""
     c = _same_conv(draw, g, x, x.channels, draw(st.sampled_from([1, 3])), 1)
-    kind = draw(st.sampled_from(["add", "relu_add", "output"]))
+    kind = draw(st.sampled_from(["mul", "relu_add", "output"]))
     g.log.append(kind)
     b = g.bn(c.name, c.channels, LEFT)
-    if kind == "add":
-        s = g.node("Add", [b, c.name])
+    if kind == "mul":
+        s = g.node("Mul", [b, c.name])
     elif kind == "relu_add":
         s = g.node("Add", [g.node("Relu", [c.name]), b])
     else:
@@ -834,12 +835,11 @@ def res_shared_calls(draw, g: Builder, x: T) -> T:
 
 
 def res_bn_after_add(draw, g: Builder, x: T) -> T:
-    """x -> Conv -> BN -> Add(x) -> BN -> Relu: the first folds, the second (a scale <= 0 in
-    one channel, so it cannot pass the Relu) stays."""
+    """x -> Conv -> BN -> Add(x) -> BN -> Relu: the first folds into the Conv; the Conv, x and
+    the second BN merge into one Conv (RepViT's BN(conv(x) + x))."""
     c = _same_conv(draw, g, x, x.channels, draw(st.sampled_from([1, 3])), 1)
     s = g.node("Add", [g.bn(c.name, c.channels, FOLDED), x.name])
-    values = _one_negative_scale(g.bn_values(c.channels))
-    return T(g.node("Relu", [g.bn(s, c.channels, LEFT, values=values)]), x.shape)
+    return T(g.node("Relu", [g.bn(s, c.channels, FOLDED)]), x.shape)
 
 
 def res_concat(draw, g: Builder, x: T) -> T:
@@ -955,7 +955,7 @@ def check_case(
     for d in report.decisions:
         assert d.status in (FOLDED, LEFT)
         if d.status == FOLDED:
-            assert d.into and d.direction in ("preceding", "following"), d
+            assert d.into and d.direction in ("preceding", "following", "merged"), d
         else:
             assert d.reason, d
 

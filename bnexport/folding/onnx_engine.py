@@ -40,7 +40,20 @@ import torch
 
 from bnexport.folding import math as fm
 from bnexport.folding.checks import check_statistics
+from bnexport.folding.merge_math import MergedParameters
 from bnexport.folding.onnx_affines import match_affine_chains
+from bnexport.folding.onnx_branches import (
+    OnnxMergePlan,
+    OnnxMergeRefusal,
+    apply_onnx_merge,
+    find_onnx_merges,
+)
+from bnexport.folding.onnx_chains import (
+    OnnxChainPlan,
+    apply_onnx_chain,
+    find_onnx_chains,
+    onnx_chain_weights,
+)
 from bnexport.folding.onnx_graph import OnnxGraph, attr, is_onnx_op, node_name
 from bnexport.folding.onnx_patterns import (
     PATTERNS,
@@ -65,7 +78,16 @@ from bnexport.folding.onnx_rewrite import (
 from bnexport.folding.onnx_sites import BN_OP, AffineSite, LayerSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
 from bnexport.folding.shared import shared_refusal, zero_scale_refusal
-from bnexport.report import COMPUTED, FOLDED, LEFT, CheckPoint, FoldDecision, FoldReport
+from bnexport.report import (
+    COMPUTED,
+    FOLDED,
+    LEFT,
+    MERGED,
+    BranchMerge,
+    CheckPoint,
+    FoldDecision,
+    FoldReport,
+)
 
 KIND = "BatchNormalization"
 
@@ -404,6 +426,113 @@ class _Folder:
         return plans, added
 
 
+def _note_merged_decisions(
+    plans: list[OnnxMergePlan], decided: dict[ir.Node, FoldDecision], g: OnnxGraph
+) -> None:
+    """A map a merge takes in (an identity branch's BN) is folded into the merged Conv; a fold
+    into a Conv that is merged is checked as part of the merged Conv."""
+    for plan in plans:
+        for site in plan.sum.maps:
+            d = decided.get(site.node)
+            if d is not None and not d.folded:
+                d.status, d.direction, d.into, d.reason = FOLDED, MERGED, plan.name, None
+                d.merged_into = plan.name
+    merged_into = {node_name(conv): plan.name for plan in plans for conv in plan.convs}
+    _note_merged_layers(merged_into, decided)
+
+
+def _note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
+    """Folds into the layers named in `merged_into` are checked as part of the layer each
+    became part of (through earlier merges too)."""
+    for d in decided.values():
+        if d.merged_into is not None:
+            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
+            d.merged_into = ", ".join(dict.fromkeys(names))
+        if not d.folded or d.direction == MERGED or d.into is None:
+            continue
+        targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
+        if targets:
+            d.merged_into = ", ".join(dict.fromkeys(targets))
+            d.check = None
+
+
+def _float64_values(g: OnnxGraph, folded64: dict):
+    """The float64 value of an initializer: as a fold or merge wrote it, before its cast."""
+
+    def values(value: ir.Value) -> torch.Tensor:
+        if value.name in folded64:
+            return torch.from_numpy(np.asarray(folded64[value.name], dtype=np.float64))
+        return fm.array_f64(g.constant(value))
+
+    return values
+
+
+def _apply_merges(
+    merges: list[OnnxMergePlan | OnnxMergeRefusal],
+    g: OnnxGraph,
+    folded64: dict,
+    report: FoldReport,
+    written: MergedParameters,
+) -> None:
+    """Merge each planned sum into one Conv (from the folded float64 weights, its own kept in
+    `folded64`) and record every sum, merged or left, with where the merged Conv is checked
+    (the sum's own name)."""
+    values = _float64_values(g, folded64)
+    for found in merges:
+        if isinstance(found, OnnxMergeRefusal):
+            report.merges.append(BranchMerge(found.name, found.labels, False, reason=found.reason))
+            continue
+        names = [node_name(conv) for conv in found.convs]
+        root = found.sum.root.name
+        removed = apply_onnx_merge(found, g, values, folded64, written)
+        report.merges.append(
+            BranchMerge(
+                found.name,
+                found.labels,
+                True,
+                layers=names,
+                convs_removed=len(names) - 1,
+                bytes_removed=max(removed, 0),
+                check=CheckPoint(root, root, 1),
+            )
+        )
+
+
+def _apply_chains(
+    chains: list[OnnxChainPlan],
+    g: OnnxGraph,
+    folded64: dict,
+    report: FoldReport,
+    decided: dict[ir.Node, FoldDecision],
+    written: MergedParameters,
+) -> None:
+    """Merge each Conv -> 1x1 Conv pair into one Conv, checked where the 1x1 Conv's output was
+    (its name); a merge checked at the first Conv's output is checked there instead."""
+    values = _float64_values(g, folded64)
+    names = {node_name(n): plan.name for plan in chains for n in (plan.first, plan.second)}
+    _note_merged_layers(names, decided)
+    for plan in chains:
+        gone = plan.first.outputs[0].name
+        for earlier in report.merges:
+            if earlier.check is not None and earlier.check.export_value == gone:
+                earlier.check = None
+        out = plan.second.outputs[0].name
+        layers = [node_name(plan.first), node_name(plan.second)]
+        removed = apply_onnx_chain(plan, g, values, folded64, written)
+        report.merges.append(
+            BranchMerge(
+                plan.name,
+                plan.labels,
+                True,
+                layers=layers,
+                convs_removed=1,
+                bytes_removed=max(removed, 0),
+                check=CheckPoint(out, out, 1),
+                chain=True,
+            )
+        )
+
+
 def _nested_batchnorms(model: ir.Model) -> list[tuple[ir.Node, str]]:
     """BNs the engine does not fold: in subgraph bodies and local functions."""
     found = []
@@ -445,7 +574,11 @@ def _statistics_warnings(site: AffineSite) -> list[str]:
 
 
 def fold_onnx_model(
-    model: ir.Model, *, duplicate_shared: bool = False, exact: dict | None = None
+    model: ir.Model,
+    *,
+    duplicate_shared: bool = False,
+    exact: dict | None = None,
+    merge_branches: bool = True,
 ) -> FoldReport:
     """Fold every BN of `model` (an onnx_ir model, changed in place) that folds exactly.
 
@@ -455,6 +588,10 @@ def fold_onnx_model(
     their own copies of the weights. Raises InvalidModelError on NaN/Inf or negative
     variances. `exact`, a dict, receives the float64 value of every initializer the fold
     writes, by name, before its one cast (for a float16 export that rounds them once).
+
+    After the folds, every sum of parallel branches of one value (Conv branches and the value
+    itself, RepVGG's BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)) becomes one Conv, computed from
+    the branches' folded float64 weights (`onnx_branches`), unless `merge_branches` is False.
     """
     g = OnnxGraph(model)
     report = FoldReport()
@@ -472,12 +609,30 @@ def fold_onnx_model(
     for node in order:
         if node not in folder.decided:  # not already folded with another call of its layer
             folder.decide(node)
-    for folds in folder.pending.values():
-        apply_layer(folds, g, exact)
+    left = {
+        site.output: site
+        for node, site in sites.items()
+        if isinstance(site, AffineSite) and not folder.decided[node].folded
+    }
+    merges = find_onnx_merges(g, left) if merge_branches else []
+    plans = [m for m in merges if isinstance(m, OnnxMergePlan)]
+    _note_merged_decisions(plans, folder.decided, g)
+    # the merges sum the branches' folded weights in float64, before their one cast
+    branch_weights = {conv.inputs[1] for plan in plans for conv in plan.convs}
+    if merge_branches:
+        branch_weights |= onnx_chain_weights(g)
+    folded64: dict = {} if exact is None else exact
+    for weight, folds in folder.pending.items():
+        apply_layer(folds, g, folded64 if weight in branch_weights else exact)
+    written = MergedParameters()  # calls of shared weights merge into one copy
+    _apply_merges(merges, g, folded64, report, written)
+    if merge_branches:
+        _apply_chains(find_onnx_chains(g), g, folded64, report, folder.decided, written)
     report.decisions.extend(
         folder.decided[node]
         for node in order
-        if folder.decided[node].folded or not _scalar_arithmetic(sites[node])
+        if not _scalar_arithmetic(sites[node])
+        or (folder.decided[node].folded and folder.decided[node].direction != MERGED)
     )
     report.decisions.extend(computed)
     for node, reason in _nested_batchnorms(model):

@@ -20,6 +20,8 @@ import torch
 from torch import fx
 
 from bnexport.folding.affines import ConstantValues, affine_calls, match_affine
+from bnexport.folding.branches import MergePlan, MergeRefusal, apply_merge, find_merges
+from bnexport.folding.chains import ChainPlan, apply_chain, chain_weights, find_chains
 from bnexport.folding.channels import RESHAPES, is_transparent_op
 from bnexport.folding.checks import check_batchnorm_state
 from bnexport.folding.math import (
@@ -30,6 +32,7 @@ from bnexport.folding.math import (
     shift_before_scale,
     zero_scale_channels,
 )
+from bnexport.folding.merge_math import MergedParameters
 from bnexport.folding.patterns import (
     PATTERNS,
     PRECEDING,
@@ -53,7 +56,9 @@ from bnexport.report import (
     COMPUTED,
     FOLDED,
     LEFT,
+    MERGED,
     UNUSED,
+    BranchMerge,
     CheckPoint,
     FoldDecision,
     FoldReport,
@@ -561,6 +566,113 @@ def _check_point(
     return CheckPoint(bn.input.name, bn.node.name, bn.axis, layer_value)
 
 
+def _note_merged_decisions(plans: list[MergePlan], decided: dict[fx.Node, FoldDecision]) -> None:
+    """A map that a merge takes in (an identity branch's BN) is folded into the merged layer;
+    a fold into a layer that is merged is checked as part of the merged layer."""
+    for plan in plans:
+        for call in plan.sum.maps:
+            d = decided.get(call.op_node)
+            if d is not None and not d.folded:
+                d.status, d.direction, d.into, d.reason = FOLDED, MERGED, plan.name, None
+                d.merged_into = plan.name
+    _note_merged_layers({layer.name: plan.name for plan in plans for layer in plan.layers}, decided)
+
+
+def _note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
+    """Folds into the layers named in `merged_into` are checked as part of the layer each
+    became part of (through earlier merges too)."""
+    for d in decided.values():
+        if d.merged_into is not None:
+            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
+            d.merged_into = ", ".join(dict.fromkeys(names))
+        if not d.folded or d.direction == MERGED or d.into is None:
+            continue
+        targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
+        if targets:
+            d.merged_into = ", ".join(dict.fromkeys(targets))
+            d.check = None
+
+
+def _float64_values(state: ProgramState, folded64: dict[str, torch.Tensor]):
+    """The float64 value of a stored tensor: as a fold or merge wrote it, before its cast."""
+
+    def values(node: fx.Node) -> torch.Tensor:
+        target = state.target(node)
+        if target in folded64:
+            return folded64[target]
+        return state.tensor(node).detach().to(F64)
+
+    return values
+
+
+def _apply_merges(
+    merges: list[MergePlan | MergeRefusal],
+    state: ProgramState,
+    folded64: dict[str, torch.Tensor],
+    report: FoldReport,
+    written: MergedParameters,
+) -> None:
+    """Merge each planned sum into one layer (from the folded float64 weights, its own kept in
+    `folded64`) and record every sum, merged or left, with where the merged layer is
+    checked."""
+    values = _float64_values(state, folded64)
+    for found in merges:
+        if isinstance(found, MergeRefusal):
+            report.merges.append(BranchMerge(found.name, found.labels, False, reason=found.reason))
+            continue
+        node = apply_merge(found, state, values, folded64, written)
+        root = found.sum.root.name
+        report.aliases[node.name] = report.aliases.get(root, root)
+        report.merges.append(
+            BranchMerge(
+                found.name,
+                found.labels,
+                True,
+                layers=[layer.name for layer in found.layers],
+                convs_removed=len(found.layers) - 1,
+                bytes_removed=found.bytes_removed,
+                check=CheckPoint(node.name, report.aliases[node.name], found.axis),
+            )
+        )
+
+
+def _apply_chains(
+    chains: list[ChainPlan],
+    state: ProgramState,
+    folded64: dict[str, torch.Tensor],
+    report: FoldReport,
+    decided: dict,
+    written: MergedParameters,
+) -> None:
+    """Merge each conv -> 1x1 conv pair into one conv, checked where the 1x1 conv's output
+    was; a merge or fold checked at either conv is checked there instead."""
+    values = _float64_values(state, folded64)
+    _note_merged_layers(
+        {layer.name: plan.name for plan in chains for layer in (plan.first, plan.second)},
+        decided,
+    )
+    for plan in chains:
+        gone = {plan.first.node.name, plan.second.node.name}
+        for earlier in report.merges:
+            if earlier.check is not None and earlier.check.export_value in gone:
+                earlier.check = None
+        second = plan.second.node.name
+        node = apply_chain(plan, state, values, folded64, written)
+        report.aliases[node.name] = report.aliases.get(second, second)
+        report.merges.append(
+            BranchMerge(
+                plan.name,
+                plan.labels,
+                True,
+                layers=[plan.first.name, plan.second.name],
+                convs_removed=1,
+                bytes_removed=plan.bytes_removed,
+                check=CheckPoint(node.name, report.aliases[node.name], 1),
+                chain=True,
+            )
+        )
+
+
 def batchnorm_calls(graph: fx.Graph) -> list[BatchNormCall]:
     """The BatchNorm calls of a graph, in data-flow order."""
     return [c for c in (match_batchnorm(n) for n in graph.nodes) if c is not None]
@@ -653,6 +765,7 @@ def fold_program(
     in_place: bool = False,
     duplicate_shared: bool = False,
     exact: dict[str, torch.Tensor] | None = None,
+    merge_branches: bool = True,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every BN call of `program` that folds exactly; report every BN.
 
@@ -671,6 +784,10 @@ def fold_program(
     `exact`, a dict, receives the float64 value of every tensor the fold writes (folded
     weights and biases, kept shifts) by state name, before its one cast: a float16 export
     rounds each of them once from there.
+
+    After the folds, every sum of parallel branches of one tensor (RepVGG's
+    BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)) becomes one layer, computed from the branches'
+    folded float64 weights (`branches`), unless `merge_branches` is False.
     """
     state = ProgramState(program, copy_graph=copy_graph)
     constants = ConstantValues(state)
@@ -746,19 +863,35 @@ def fold_program(
                 channels=call.channels,
                 batchnorm=call.batchnorm,
             )
-    # arithmetic by numbers (an attention's q * scale) is reported when it folds; left, it is
-    # not counted among the per-channel maps
+    merges = find_merges(state, constants) if merge_branches else []
+    plans = [m for m in merges if isinstance(m, MergePlan)]
+    _note_merged_decisions(plans, decided)
+    # arithmetic by numbers (an attention's q * scale) is reported when it folds into a
+    # layer; left, or taken into a merged sum (MobileOne's `0 + identity`), it is not counted
+    # among the per-channel maps
     report.decisions.extend(
         decided[c.op_node]
         for c in calls
-        if decided[c.op_node].folded or c.batchnorm or c.channels > 1
+        if c.batchnorm
+        or c.channels > 1
+        or (decided[c.op_node].folded and decided[c.op_node].direction != MERGED)
     )
     report.decisions.extend(computed)
     weights = [state.value(state.target(f.layer.weight)) for f in pending.values()]
     largest = max((min(_block_rows(w), w.shape[0]) * w[0].numel() for w in weights), default=0)
     workspace = _Workspace(largest)  # allocated once, at the size of the largest block
-    for folds in pending.values():
-        _fold_layer(folds, state, workspace, in_place=in_place, exact=exact)
+    # the merges sum the branches' folded weights before their one cast
+    branch_targets = {state.target(layer.weight) for plan in plans for layer in plan.layers}
+    if merge_branches:
+        branch_targets |= chain_weights(state)
+    folded64: dict[str, torch.Tensor] = {} if exact is None else exact
+    for target, folds in pending.items():
+        into = folded64 if target in branch_targets else exact
+        _fold_layer(folds, state, workspace, in_place=in_place, exact=into)
+    written = MergedParameters()  # calls of a shared block merge into one copy
+    _apply_merges(merges, state, folded64, report, written)
+    if merge_branches:
+        _apply_chains(find_chains(state), state, folded64, report, decided, written)
     state.remove_unused()
     called = {c.name for c in calls}
     for name, cls in (module_names or {}).items():

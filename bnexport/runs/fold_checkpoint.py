@@ -15,6 +15,8 @@ from pathlib import Path
 
 from bnexport.export import (
     count_ops,
+    export_names,
+    exported_report,
     onnx_metadata,
     ops_before_fold,
     release_weights,
@@ -89,6 +91,8 @@ def fold_checkpoint(
 
     progress("exporting to ONNX")
     onnx_program = to_onnx_program(folded, opset=opts.opset)
+    # the file's own names for the places where folds are checked
+    report.fold = exported_report(report.fold, export_names(onnx_program, folded))
     model = onnx_program.model
     before = ops_before_fold(count_ops(model), traced, traced_ops(folded))  # as exported
     if opts.fp16:

@@ -93,7 +93,9 @@ def folds_in_file(onnx_path: Path, prep: Prepared, program) -> tuple[FoldReport,
     """The folds of a file to verify: as its metadata records them (a file bnexport wrote),
     else as its tensor names show them; and the BNs that could not be placed."""
     recorded = recorded_folds(onnx_path)
-    if recorded is not None and all(d.check is not None for d in recorded.folded):
+    if recorded is not None and all(
+        d.check is not None or d.merged_into is not None for d in recorded.folded
+    ):
         return recorded, []
     if program is not None:
         points = program_batchnorm_points(program)
@@ -119,7 +121,7 @@ def check_layers(
     the file is unknown). A check that cannot run leaves the outputs' verdict standing and
     says why in `layers_unmapped`."""
     result.layers_unmapped = list(unplaced or [])
-    if fold is None or not fold.folded or not checks_layers(prep, opts):
+    if fold is None or not (fold.folded or fold.merged) or not checks_layers(prep, opts):
         return
     problem = prep.layer_problem
     if problem is None:
@@ -165,5 +167,5 @@ def _check_layers(
             result.layer_own_error_of = what
     result.layer_rtol = LAYER_RTOL
     order = {d.name: i for i, d in enumerate(fold.decisions)}
-    result.layers = sorted(checks, key=lambda c: order.get(c.batchnorm, 0))
+    result.layers = sorted(checks, key=lambda c: order.get(c.batchnorm, len(order)))
     result.layers_unmapped += unmapped + unrunnable
