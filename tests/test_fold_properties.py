@@ -155,8 +155,11 @@ def test_a_shared_encoder_folds_exactly_as_one_call(arch, seed, calls):
     folded_shared = {d.name.split(" (call")[0] for d in shared.report.folded}
     assert folded_once == folded_shared, (str(once.report), str(shared.report))
     assert len(shared.report.folded) == calls * len(folded_once)
-    a, b = once.program.state_dict, shared.program.state_dict
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the BN folds write the very same weights; merges of layers may differ, as a conv ->
+    # 1x1 conv chain merges only in a block called once
+    if not once.report.merges and not shared.report.merges:
+        a, b = once.program.state_dict, shared.program.state_dict
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         ref64 = copy.deepcopy(Shared(encoder, calls)).double()(x.double())
         ref32 = Shared(encoder, calls)(x)
