@@ -77,7 +77,7 @@ from bnexport.folding.onnx_rewrite import (
 )
 from bnexport.folding.onnx_sites import BN_OP, AffineSite, LayerSite, match_batchnorm, match_layer
 from bnexport.folding.patterns import FOLLOWING, PRECEDING, Refusal
-from bnexport.folding.shared import shared_refusal, zero_scale_refusal
+from bnexport.folding.shared import note_merged_layers, shared_refusal, zero_scale_refusal
 from bnexport.report import (
     COMPUTED,
     FOLDED,
@@ -438,22 +438,7 @@ def _note_merged_decisions(
                 d.status, d.direction, d.into, d.reason = FOLDED, MERGED, plan.name, None
                 d.merged_into = plan.name
     merged_into = {node_name(conv): plan.name for plan in plans for conv in plan.convs}
-    _note_merged_layers(merged_into, decided)
-
-
-def _note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
-    """Folds into the layers named in `merged_into` are checked as part of the layer each
-    became part of (through earlier merges too)."""
-    for d in decided.values():
-        if d.merged_into is not None:
-            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
-            d.merged_into = ", ".join(dict.fromkeys(names))
-        if not d.folded or d.direction == MERGED or d.into is None:
-            continue
-        targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
-        if targets:
-            d.merged_into = ", ".join(dict.fromkeys(targets))
-            d.check = None
+    note_merged_layers(merged_into, decided)
 
 
 def _float64_values(g: OnnxGraph, folded64: dict):
@@ -510,7 +495,7 @@ def _apply_chains(
     (its name); a merge checked at the first Conv's output is checked there instead."""
     values = _float64_values(g, folded64)
     names = {node_name(n): plan.name for plan in chains for n in (plan.first, plan.second)}
-    _note_merged_layers(names, decided)
+    note_merged_layers(names, decided)
     for plan in chains:
         gone = plan.first.outputs[0].name
         for earlier in report.merges:

@@ -1,4 +1,5 @@
-"""Layers called more than once: the wording both engines use for their decisions.
+"""What both engines share in their decisions: the wording for layers called more than once,
+and how folds into layers that a merge of branches took in are recorded.
 
 A layer whose weights serve several calls folds a BN once, into the shared weights, when every
 call is followed (or preceded) by a BN with the same scale and shift: the one fold is exact for
@@ -9,6 +10,7 @@ which adds their size to the file; without it the BN is left with a reason namin
 from __future__ import annotations
 
 from bnexport.formatting import fmt_bytes
+from bnexport.report import MERGED
 
 DUPLICATE_FLAG = "--duplicate-shared"
 
@@ -34,3 +36,18 @@ def zero_scale_refusal(layer: str, channels: list[int]) -> str:
         f"{'s' if len(channels) > 1 else ''} {shown} of the BN have scale 0 (gamma = 0), so "
         "its shift cannot be kept as an Add before the padding"
     )
+
+
+def note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
+    """Folds into the layers named in `merged_into` are checked as part of the layer each
+    became part of (through earlier merges too)."""
+    for d in decided.values():
+        if d.merged_into is not None:
+            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
+            d.merged_into = ", ".join(dict.fromkeys(names))
+        if not d.folded or d.direction == MERGED or d.into is None:
+            continue
+        targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
+        if targets:
+            d.merged_into = ", ".join(dict.fromkeys(targets))
+            d.check = None

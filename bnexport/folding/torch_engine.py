@@ -42,7 +42,7 @@ from bnexport.folding.patterns import (
     map_scale_shift,
 )
 from bnexport.folding.program_state import ProgramState
-from bnexport.folding.shared import shared_refusal, zero_scale_refusal
+from bnexport.folding.shared import note_merged_layers, shared_refusal, zero_scale_refusal
 from bnexport.folding.sites import (
     BatchNormCall,
     LayerCall,
@@ -575,22 +575,7 @@ def _note_merged_decisions(plans: list[MergePlan], decided: dict[fx.Node, FoldDe
             if d is not None and not d.folded:
                 d.status, d.direction, d.into, d.reason = FOLDED, MERGED, plan.name, None
                 d.merged_into = plan.name
-    _note_merged_layers({layer.name: plan.name for plan in plans for layer in plan.layers}, decided)
-
-
-def _note_merged_layers(merged_into: dict[str, str], decided: dict) -> None:
-    """Folds into the layers named in `merged_into` are checked as part of the layer each
-    became part of (through earlier merges too)."""
-    for d in decided.values():
-        if d.merged_into is not None:
-            names = [merged_into.get(n, n) for n in d.merged_into.split(", ")]
-            d.merged_into = ", ".join(dict.fromkeys(names))
-        if not d.folded or d.direction == MERGED or d.into is None:
-            continue
-        targets = [merged_into[n] for n in d.into.split(", ") if n in merged_into]
-        if targets:
-            d.merged_into = ", ".join(dict.fromkeys(targets))
-            d.check = None
+    note_merged_layers({layer.name: plan.name for plan in plans for layer in plan.layers}, decided)
 
 
 def _float64_values(state: ProgramState, folded64: dict[str, torch.Tensor]):
@@ -647,7 +632,7 @@ def _apply_chains(
     """Merge each conv -> 1x1 conv pair into one conv, checked where the 1x1 conv's output
     was; a merge or fold checked at either conv is checked there instead."""
     values = _float64_values(state, folded64)
-    _note_merged_layers(
+    note_merged_layers(
         {layer.name: plan.name for plan in chains for layer in (plan.first, plan.second)},
         decided,
     )
