@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -224,3 +226,15 @@ class ManyReasons(nn.Module):
 
 def many_reasons() -> ManyReasons:
     return randomize_bn(ManyReasons()).eval()
+
+
+def close_to_float64(model: nn.Module, result, x: torch.Tensor, factor: float = 4.0) -> float:
+    """The folded program's error against the float64 original, at most `factor` times the
+    float32 original's own (plus a rounding of the scale); returns the error."""
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+        floor = (model(x).double() - ref64).abs().max().item()
+        err = (result.module(x).double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    assert err <= factor * floor + 1e-7 * scale, (err, floor, scale)
+    return err

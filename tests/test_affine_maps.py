@@ -15,7 +15,6 @@ float32 original is (within a few roundings).
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -27,20 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from benchmarks.affine_nets import FrozenBatchNorm2d
 from bnexport import fold
 from bnexport.cli import main
 from bnexport.export import export_onnx
+from tests.nets import close_to_float64
 
 aten = torch.ops.aten
-
-
-def _close_to_float64(model: nn.Module, result, x: torch.Tensor, factor: float = 4.0) -> None:
-    with torch.no_grad():
-        ref64 = copy.deepcopy(model).double()(x.double())
-        floor = (model(x).double() - ref64).abs().max().item()
-        err = (result.module(x).double() - ref64).abs().max().item()
-    scale = ref64.abs().max().item()
-    assert err <= factor * floor + 1e-7 * scale, (err, floor, scale)
 
 
 def _targets(result) -> list:
@@ -63,27 +55,6 @@ def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- FrozenBatchNorm
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision.ops.misc.FrozenBatchNorm2d: fixed statistics as buffers, x * scale + shift."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def forward(self, x):
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return x * scale + bias
 
 
 class Bottleneck(nn.Module):
@@ -139,7 +110,7 @@ def test_frozen_batchnorm_resnet_folds_every_frozen_bn():
     # left: the residual sums only
     assert _targets(result).count(aten.mul.Tensor) == 0
     assert _targets(result).count(aten.add.Tensor) == len(model.layers)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
     summary = result.report.summary()
     what = "affine maps (Mul/Add by constants, frozen BNs, layer scales)"
     assert summary.startswith(f"BatchNorm: none; {what}: {len(frozen)} before, 0 after"), summary
@@ -183,7 +154,7 @@ def test_convnext_layer_scale_folds_into_the_last_linear():
         ("mul", f"{i}.fc2") for i in range(3)
     ]
     assert _targets(result).count(aten.mul.Tensor) == 0
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 # --------------------------------------------------------------------------- LeViT
@@ -220,7 +191,7 @@ def test_levit_token_batchnorms_fold_through_the_token_reshapes():
     result = fold(model, (x,))
     assert len(result.report.folded) == 8 and not result.report.left
     assert all(d.into == d.name.replace(".bn", ".linear") for d in result.report.folded)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 # --------------------------------------------------------------------------- DenseNet
@@ -273,7 +244,7 @@ def test_densenet_preactivation_bns_pass_their_relu_when_scales_are_positive():
     kept = {d.name for d in result.report.folded if d.shift_kept}
     assert kept == {f"dense.{k}.norm1" for k in range(6)} | {"norm"}
     assert aten.batch_norm.default not in _targets(result)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
     with torch.no_grad():
         model.dense[2].norm1.weight[[0, 3, 7]] *= -1
@@ -281,7 +252,7 @@ def test_densenet_preactivation_bns_pass_their_relu_when_scales_are_positive():
     (left,) = result.report.left
     assert left.name == "dense.2.norm1"
     assert "3 of its 32 channels have a scale <= 0 (channel 0, 3, 7)" in left.reason
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 # --------------------------------------------------------------------------- MixNet
@@ -315,7 +286,7 @@ def test_mixnet_mixed_conv_bn_folds_into_each_branch():
         f"{i}.convs.0, {i}.convs.1, {i}.convs.2" for i in range(2)
     ]
     assert aten.batch_norm.default not in _targets(result)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 # --------------------------------------------------------------------------- NF-ResNet
@@ -372,7 +343,7 @@ def test_weight_standardizing_batchnorms_are_computed_once(tmp_path):
     assert all("computed once at fold time" in d.detail for d in computed)
     assert result.report.decision("bn").into == "block1-1"
     assert aten.batch_norm.default not in _targets(result)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
     info = export_onnx(result, tmp_path / "nf.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "nf.onnx")).graph.node]
     assert info.batchnorm_nodes == 0 and ops.count("Conv") == 2 and "ReduceMean" not in ops
@@ -454,7 +425,7 @@ def test_any_chain_of_arithmetic_by_constants_folds_exactly(forms, seed):
     assert d.folded and d.into == "conv1" and d.direction == "preceding", d
     targets = _targets(result)
     assert not {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor} & set(targets)
-    _close_to_float64(model, result, x, factor=8.0)
+    close_to_float64(model, result, x, factor=8.0)
     s = torch.ones(6, dtype=torch.float64)
     with torch.no_grad():  # the folded bias against an independent float64 computation
         t = model.conv1.bias.double().clone()
@@ -499,4 +470,4 @@ def test_a_scalar_map_folds_into_both_branches_of_a_downsampling_block():
     into = {d.into for d in result.report.folded}
     assert into == {"conv1, down", "conv1"}, str(result.report)
     assert aten.mul.Tensor not in _targets(result)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)

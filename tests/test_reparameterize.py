@@ -45,6 +45,7 @@ from bnexport.folding.merge_math import (
     place_kernel,
 )
 from bnexport.render import merge_lines
+from tests.nets import close_to_float64
 
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
@@ -52,18 +53,6 @@ CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.lin
 
 def _convs(result) -> int:
     return sum(n.op == "call_function" and n.target in CONVS for n in result.program.graph.nodes)
-
-
-def _close_to_float64(model: nn.Module, result, x: torch.Tensor, factor: float = 4.0) -> float:
-    """The folded program's error against the float64 original, at most `factor` times the
-    float32 original's own (plus a rounding of the scale)."""
-    with torch.no_grad():
-        ref64 = copy.deepcopy(model).double()(x.double())
-        floor = (model(x).double() - ref64).abs().max().item()
-        err = (result.module(x).double() - ref64).abs().max().item()
-    scale = ref64.abs().max().item()
-    assert err <= factor * floor + 1e-7 * scale, (err, floor, scale)
-    return err
 
 
 # --------------------------------------------------------------------------- the arithmetic
@@ -163,7 +152,7 @@ def test_repvgg_is_one_conv_per_block_and_equals_the_hand_reparameterisation():
     result = fold(model, x)
     assert _convs(result) == len(model.stages) + 1  # and the classifier
     assert not result.report.left
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
     _same_as_hand(result, model, x)
     rows = [m.detail for m in result.report.merges]
     assert "merged 3 branches (conv3x3, conv1x1, identity BN) into stages.2 (" in rows[2]
@@ -184,7 +173,7 @@ def test_mobileone_is_one_conv_per_block_for_one_to_four_branches():
     result = fold(model, x)
     assert _convs(result) == len(model.stages) + 1
     assert not result.report.left
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
     _same_as_hand(result, model, x)
     merges = {m.into: m for m in result.report.merges}
     for unit, k in enumerate((1, 2, 3, 4)):
@@ -205,7 +194,7 @@ def test_a_mobileone_block_without_identity_or_scale_branch():
     x = torch.randn(2, 4, 9, 9)
     result = fold(block, x)
     assert _convs(result) == 1
-    _close_to_float64(block, result, x)
+    close_to_float64(block, result, x)
 
 
 # --------------------------------------------------------------------------- ACNet, RepViT, ...
@@ -230,7 +219,7 @@ def test_blocks_merge_into_one_conv(model, shape, convs):
     assert _convs(result) == convs
     assert not result.report.left
     assert all(m.merged for m in result.report.merges)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 def test_fastvit_repmixer_merges_a_subtraction_and_a_layer_scale():
@@ -262,7 +251,7 @@ def test_linear_branches_merge_into_one_linear():
     result = fold(model, x)
     assert _convs(result) == 1
     assert result.report.merges[0].branches == ["identity", "linear", "linear", "identity BN"]
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 class ConvThen1x1(nn.Module):
@@ -291,7 +280,7 @@ def test_a_conv_and_the_1x1_conv_after_it_merge_when_no_larger():
     assert result.report.merges[1].to_dict()["chain"] is True
     assert result.report.decision("b.bn").merged_into == "c.conv"
     assert "1 sum of parallel branches and 1 conv -> 1x1 conv chain merged" in str(result.report)
-    _close_to_float64(model, result, x)
+    close_to_float64(model, result, x)
 
 
 # --------------------------------------------------------------------------- refusals
